@@ -1,0 +1,318 @@
+"""Typed configuration read from YAML, validated on load.
+
+Every number of the method lives in a YAML file under ``configs/`` (with its unit in a comment);
+this module turns such a file into frozen dataclasses. Unknown keys, missing sections and values
+of the wrong type raise :class:`~dladiff.errors.ConfigError` naming the file and the key.
+
+A file may start with ``inherit: other.yaml`` (a path relative to itself or a built-in config
+name): its keys are merged over the inherited file, section by section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from dladiff.errors import ConfigError
+
+BUILTIN_PACKAGE = "dladiff.configs"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which Stable Diffusion to load and at what resolution the models see the photos."""
+
+    id: str = "stabilityai/stable-diffusion-2-1-base"  # hub id, local diffusers folder, or "builtin:tiny-sd"
+    resolution: int = 512  # pixels: side of the square the photos are resized to for optimization
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the numerics run."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # CUDA autocast dtype; CPU always runs fp32
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Text prompts of DreamBooth (paper §3.1): instance prompt c and prior prompt c_pr."""
+
+    instance: str = "a photo of sks person"
+    class_prompt: str = "a photo of person"
+    trigger: str = "sks"
+
+
+@dataclass(frozen=True)
+class SurrogateConfig:
+    """Static surrogate θs: DreamBooth of the UNet only on clean photos (paper Eq. 7)."""
+
+    steps: int = 400  # optimizer steps
+    learning_rate: float = 2.0e-6
+    batch_size: int = 4  # images per step
+    adam_weight_decay: float = 1.0e-2
+    max_grad_norm: float = 1.0
+    prior_preservation: bool = False
+    prior_weight: float = 1.0  # λ of Eq. 4
+    num_class_images: int = 100
+    class_inference_steps: int = 50  # sampler steps to generate each class image
+    class_guidance_scale: float = 7.5
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Which attention maps L_attn compares (paper Eq. 8) and how the terms are weighted."""
+
+    resolutions: tuple[int, ...] = (16, 32)  # latent side lengths whose maps are captured
+    cross_weight: float = 1.0
+    self_weight: float = 1.0
+    cross_tokens: Literal["all", "trigger"] = "all"  # "trigger": only the "sks" token's cross map
+
+
+@dataclass(frozen=True)
+class Layer1Config:
+    """DSUR + ADFT (paper §4.1, Eq. 9). Bounds and steps in [-1, 1] pixel units."""
+
+    epsilon: float = 0.05  # η1, L∞ bound in [-1,1] units (0.05 ≈ 6.4/255)
+    step_size: float = 0.005  # α1, PGD step in [-1,1] units (≈ 0.64/255)
+    epochs: int = 50  # E
+    stage1_steps: int = 3  # n1: PGD ascent steps on L_attn
+    stage2_steps: int = 3  # n2: PGD ascent steps on the denoising loss
+    stage3_steps: int = 3  # n3: optimizer steps of θd on x + δ1
+    stage3_learning_rate: float = 5.0e-6
+    batch_size: int = 4  # images per forward pass (PGD chunks, stage-3 batch)
+    dsur: bool = True  # False: no stage 1 (Anti-DreamBooth's ASPL, Table 5 "w/o DSUR")
+    adft: bool = True  # False: no stage 3, θd stays pretrained (Table 5 "w/o ADFT")
+    checkpoint_every: int = 5  # epochs between resumable checkpoints
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+
+@dataclass(frozen=True)
+class Layer2Config:
+    """Weighted multi-encoder identity PGD with jittered alignment (paper §4.2, Eqs. 10-11)."""
+
+    epsilon: float = 0.03  # η2, L∞ bound in [-1,1] units (0.03 ≈ 3.8/255)
+    step_size: float = 0.004  # α2, PGD step in [-1,1] units
+    steps: int = 100  # maximum PGD steps per face
+    threshold: float = 0.0  # τ: stop once the weighted cosine similarity is below this
+    encoders: dict[str, float] = field(default_factory=dict)  # name -> weight; empty = auto
+    detector: str = "auto"  # auto | dlib | insightface | retinaface
+    det_size: int = 640  # pixels, insightface detector input side
+    model_root: str = "~/.insightface/models"  # where insightface packs live
+    jitter_translation: float = 1.0  # pixels (std) added to the alignment's translation per step
+    jitter_rotation: float = 1.0  # degrees (std) of rotation added per step
+    jitter_scale: float = 0.01  # relative (std) scale change per step
+    full_resolution: bool = False  # optimize δ2 in the photo's own grid through the warp
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: model, runtime, prompts, surrogate and both layers."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
+    layer1: Layer1Config = field(default_factory=Layer1Config)
+    layer2: Layer2Config = field(default_factory=Layer2Config)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {
+            _coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _validate_ranges(cfg: Config, source: str) -> None:
+    """Semantic checks that types alone cannot express."""
+    checks = [
+        (cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution must be a positive multiple of 8"),
+        (0 < cfg.layer1.epsilon <= 2, "layer1.epsilon must be in (0, 2] ([-1,1] pixel units)"),
+        (0 < cfg.layer1.step_size, "layer1.step_size must be positive"),
+        (cfg.layer1.epochs >= 0, "layer1.epochs must be >= 0"),
+        (min(cfg.layer1.stage1_steps, cfg.layer1.stage2_steps, cfg.layer1.stage3_steps) >= 0, "layer1 stage step counts must be >= 0"),
+        (cfg.layer1.batch_size > 0, "layer1.batch_size must be positive"),
+        (cfg.layer1.checkpoint_every > 0, "layer1.checkpoint_every must be positive"),
+        (cfg.surrogate.steps >= 0 and cfg.surrogate.batch_size > 0, "surrogate.steps >= 0 and surrogate.batch_size > 0"),
+        (0 < cfg.layer2.epsilon <= 2, "layer2.epsilon must be in (0, 2] ([-1,1] pixel units)"),
+        (cfg.layer2.steps >= 0, "layer2.steps must be >= 0"),
+        (all(w >= 0 for w in cfg.layer2.encoders.values()), "layer2.encoders weights must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+
+def builtin_config_dir() -> Path:
+    """The shipped ``configs/`` folder: beside the package in a checkout, else the installed copy."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if (checkout / "default.yaml").is_file():
+        return checkout
+    return Path(str(resources.files(BUILTIN_PACKAGE)))
+
+
+def builtin_config_names() -> list[str]:
+    """Names of the configs shipped with the package (``configs/*.yaml``)."""
+    return sorted(p.stem for p in builtin_config_dir().glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path that exists, or the name of a built-in config (``smoke`` or ``smoke.yaml``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    candidate = builtin_config_dir() / f"{stem}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(
+        f"config {name_or_path}: no such file and no built-in config of that name "
+        f"(built-in: {', '.join(builtin_config_names())})"
+    )
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "encoders":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular inherit")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: inherit must be a file name")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        parent_path = resolve_config_path(parent)
+    return _merge(_read_yaml(parent_path, seen + (path.resolve(),)), data)
+
+
+def load_config(name_or_path: str | Path | None = None) -> Config:
+    """Load and validate a config file; ``None`` gives the paper defaults (``configs/default.yaml``)."""
+    path = resolve_config_path(name_or_path or "default")
+    data = _read_yaml(path)
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
+    _validate_ranges(cfg, f"config {path}")
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build a validated config from a plain mapping (as written by :func:`config_to_dict`)."""
+    cfg = _build(Config, data, "")
+    _validate_ranges(cfg, "config")
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain, JSON-serializable mapping of a config (tuples become lists)."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def with_overrides(cfg: Config, **sections: dict) -> Config:
+    """Return ``cfg`` with some keys of some sections replaced, e.g. ``model={"id": "..."}``."""
+    data = config_to_dict(cfg)
+    for section, values in sections.items():
+        data[section] = _merge(data[section], values)
+    return config_from_dict(data)

@@ -1,0 +1,197 @@
+"""``dladiff protect``: both layers on a folder of portraits, outputs checked and reported.
+
+Data flow: photos → (layer 1: static surrogate, DSUR + ADFT at the model resolution, δ1 resized
+back to each photo) → (layer 2: identity PGD on every detected face) → lossless PNGs whose
+L∞ distance to the input is measured on the saved file, and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dladiff import __version__
+from dladiff.config import Config, config_to_dict
+from dladiff.data import (Portrait, SkippedFile, atomic_write, apply_perturbation, check_output_folder, linf_255,
+                          load_folder, model_batch, psnr, save_json)
+from dladiff.errors import BoundViolationError, DladiffError
+from dladiff.runtime import StopRequest, select_device
+
+log = logging.getLogger("dladiff")
+
+RUN_DIR = ".dladiff-run"
+LAYER1_RESULT = "layer1_result.pt"
+
+
+@dataclass
+class ProtectOutcome:
+    """What a protect run produced: the report written to ``out_dir/report.json`` and skipped files."""
+
+    out_dir: Path
+    report: dict
+    skipped: list[SkippedFile] = field(default_factory=list)
+    failed: list[SkippedFile] = field(default_factory=list)
+
+
+def bound_255(epsilon: float) -> float:
+    """An L∞ bound in [-1, 1] units expressed in 0-255 units."""
+    return epsilon * 127.5
+
+
+def allowed_linf_255(cfg: Config, layers: tuple[int, ...]) -> float:
+    """The largest L∞ distance (0-255 units) a saved output may have from its input."""
+    total = 0.0
+    if 1 in layers:
+        total += np.floor(bound_255(cfg.layer1.epsilon) + 1e-6)
+    if 2 in layers:
+        total += np.floor(bound_255(cfg.layer2.epsilon) + 1e-6)
+    return float(total)
+
+
+def save_checked_png(pixels: np.ndarray, reference: np.ndarray, limit_255: float, path: Path) -> float:
+    """Write ``pixels`` as PNG atomically after re-reading it and checking ‖saved − reference‖∞.
+
+    Raises :class:`BoundViolationError` (and writes nothing) if the saved file exceeds the bound;
+    returns the measured L∞ distance in 0-255 units.
+    """
+    measured = {}
+
+    def write(tmp: Path) -> None:
+        Image.fromarray(pixels, "RGB").save(tmp, format="PNG")
+        with Image.open(tmp) as img:
+            saved = np.asarray(img.convert("RGB"))
+        measured["linf"] = linf_255(saved, reference)
+        if measured["linf"] > limit_255:
+            raise BoundViolationError(f"{path}: L∞ {measured['linf']} > bound {limit_255} (0-255 units); not written")
+
+    atomic_write(Path(path), write)
+    return measured["linf"]
+
+
+def _prepare_run_dir(out_dir: Path, resume: bool) -> Path:
+    run_dir = out_dir / RUN_DIR
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise DladiffError(f"{out_dir} holds an earlier run ({run_dir}); add --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _static_surrogate_folder(portraits, components, cfg: Config, surrogate_dir: Path | None, out_dir: Path, device, quiet: bool) -> Path:
+    from dladiff.surrogate import finetune_surrogate, is_complete_surrogate
+
+    if surrogate_dir is not None:
+        if not is_complete_surrogate(surrogate_dir):
+            raise DladiffError(f"{surrogate_dir}: not a finished static surrogate (no surrogate.json / unet/); run `dladiff finetune-surrogate` first")
+        return Path(surrogate_dir)
+    return finetune_surrogate(portraits, components, cfg, out_dir / "surrogate", device, quiet)
+
+
+def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, out_dir: Path, run_dir: Path,
+                  surrogate_dir: Path | None, resume: bool, quiet: bool, stop: StopRequest) -> tuple[list[np.ndarray], dict]:
+    """Layer 1 on all photos; returns the perturbed photos (uint8, original sizes) and report info."""
+    from dladiff.diffusion.loading import load_sd
+    from dladiff.layer1 import run_fingerprint, run_layer1
+    from dladiff.surrogate import load_static_surrogate
+
+    hashes = [p.sha256 for p in portraits]
+    components = load_sd(cfg.model.id, cfg.model.revision, device)
+    needs_static = cfg.layer1.dsur and cfg.layer1.stage1_steps > 0
+    static_folder = _static_surrogate_folder(portraits, components, cfg, surrogate_dir, out_dir, device, quiet) if needs_static else None
+    surrogate_id = json.loads((static_folder / "surrogate.json").read_text()) if static_folder else None
+    fingerprint = run_fingerprint(cfg, hashes, json.dumps(surrogate_id, sort_keys=True) if surrogate_id else None)
+    result_path = run_dir / LAYER1_RESULT
+    saved = torch.load(result_path, weights_only=False) if resume and result_path.is_file() else None
+    if saved is not None and saved["fingerprint"] == fingerprint:
+        delta, history = saved["delta"], saved["history"]
+    else:
+        static_unet = load_static_surrogate(static_folder, device, cfg.runtime.precision) if static_folder else None
+        x = model_batch(portraits, cfg.model.resolution)
+        result = run_layer1(x, components, static_unet, cfg, device, run_dir, fingerprint, resume, quiet, stop)
+        delta, history = result.delta, result.history
+        torch.save({"fingerprint": fingerprint, "delta": delta, "history": history}, result_path)
+        (run_dir / "layer1.ckpt").unlink(missing_ok=True)
+    eps255 = bound_255(cfg.layer1.epsilon)
+    outputs = [apply_perturbation(p.pixels, delta[i], eps255) for i, p in enumerate(portraits)]
+    info = {"surrogate": str(static_folder) if static_folder else None, "history": history}
+    return outputs, info
+
+
+def run_layer2_on(portraits: list[Portrait], inputs: list[np.ndarray], cfg: Config, quiet: bool) -> tuple[list[np.ndarray], list[dict]]:
+    """Layer 2 on every face of every photo; returns the photos and per-photo face reports."""
+    from dladiff.layer2 import protect_photos
+
+    return protect_photos(portraits, inputs, cfg, quiet)
+
+
+def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[int, ...] = (1, 2),
+                   surrogate_dir: Path | None = None, resume: bool = False, quiet: bool = False,
+                   stop: StopRequest | None = None) -> ProtectOutcome:
+    """Protect every photo of ``photos_dir`` into ``out_dir`` (PNG + ``report.json``)."""
+    photos_dir, out_dir = Path(photos_dir), Path(out_dir)
+    layers = tuple(sorted(set(layers)))
+    if not layers or any(layer not in (1, 2) for layer in layers):
+        raise DladiffError(f"--layers must name layers 1 and/or 2, got {layers}")
+    check_output_folder(photos_dir, out_dir)
+    portraits, skipped = load_folder(photos_dir)
+    for s in skipped:
+        log.warning("skipping %s", s.reason)
+    device = select_device(cfg.runtime.device) if 1 in layers else torch.device("cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _prepare_run_dir(out_dir, resume)
+    stop = stop or StopRequest()
+    current = [p.pixels for p in portraits]
+    layer1_info, face_reports = None, [None] * len(portraits)
+    if 1 in layers:
+        current, layer1_info = run_layer1_on(portraits, cfg, device, out_dir, run_dir, surrogate_dir, resume, quiet, stop)
+    if 2 in layers:
+        current, face_reports = run_layer2_on(portraits, current, cfg, quiet)
+    limit = allowed_linf_255(cfg, layers)
+    entries, failed = [], []
+    for portrait, pixels, faces in zip(portraits, current, face_reports):
+        try:
+            entries.append(_save_output(portrait, pixels, faces, out_dir, limit))
+        except (DladiffError, OSError) as exc:
+            failed.append(SkippedFile(portrait.path, str(exc)))
+            log.error("%s", exc)
+    report = _report(photos_dir, out_dir, cfg, layers, device, entries, skipped + failed, layer1_info, limit)
+    save_json(report, out_dir / "report.json")
+    if not failed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return ProtectOutcome(out_dir, report, skipped, failed)
+
+
+def _save_output(portrait: Portrait, pixels: np.ndarray, faces, out_dir: Path, limit: float) -> dict:
+    path = out_dir / portrait.output_name
+    if path.resolve() == portrait.path.resolve():
+        raise DladiffError(f"{path}: refusing to write over an input")
+    measured = save_checked_png(pixels, portrait.pixels, limit, path)
+    entry = {
+        "input": portrait.name, "output": path.name, "input_sha256": portrait.sha256,
+        "width": int(portrait.pixels.shape[1]), "height": int(portrait.pixels.shape[0]),
+        "linf_255": measured, "psnr_db": round(psnr(pixels, portrait.pixels), 3),
+    }
+    if faces is not None:
+        entry["faces"] = faces
+    return entry
+
+
+def _report(photos_dir, out_dir, cfg: Config, layers, device, entries, skipped, layer1_info, limit) -> dict:
+    return {
+        "dladiff_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "input_dir": str(photos_dir), "output_dir": str(out_dir), "layers": list(layers), "device": str(device),
+        "bound_linf_255": {"layer1": bound_255(cfg.layer1.epsilon) if 1 in layers else None,
+                           "layer2": bound_255(cfg.layer2.epsilon) if 2 in layers else None, "checked_limit": limit},
+        "images": entries,
+        "skipped": [{"file": str(s.path), "reason": s.reason} for s in skipped],
+        "layer1": layer1_info,
+        "settings": config_to_dict(cfg),
+    }
