@@ -63,7 +63,8 @@ class ADFTProtector:
     def __init__(self, x: torch.Tensor, components: SDComponents, static_unet, cfg: Config, device: torch.device):
         self.cfg, self.l1, self.device = cfg, cfg.layer1, device
         self.precision = cfg.runtime.precision
-        self.vae = components.vae.to(device, frozen_dtype(device, self.precision))
+        vae_dtype = frozen_dtype(device, self.precision)
+        self.vae = components.vae if components.vae.dtype == vae_dtype else components.vae.to(dtype=vae_dtype)
         self.scheduler = components.noise_scheduler
         self.unet_d = components.unet
         self.static_unet = static_unet

@@ -45,7 +45,7 @@ class DreamBoothTrainer:
         self.params = [p for p in parameters if p.requires_grad]
         if any(p.dtype != torch.float32 for p in self.params):
             raise ValueError("trained weights must be fp32 masters (low-precision weights do not learn at DreamBooth learning rates)")
-        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay, fused=True)
 
     def _batch_loss(self, data: LatentSet, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean, std = data.mean[index], data.std[index]

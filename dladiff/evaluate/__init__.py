@@ -1,0 +1,1 @@
+"""Attack-side evaluation: the paper's metrics and the attacker pipeline behind `dladiff evaluate`."""

