@@ -101,8 +101,8 @@ class Layer1Config:
 class Layer2Config:
     """Weighted multi-encoder identity PGD with jittered alignment (paper §4.2, Eqs. 10-11)."""
 
-    epsilon: float = 0.03  # η2, L∞ bound in [-1,1] units (0.03 ≈ 3.8/255)
-    step_size: float = 0.004  # α2, PGD step in [-1,1] units
+    epsilon: float = 0.05  # η2, L∞ bound in [-1,1] units (0.05 ≈ 6.4/255)
+    step_size: float = 0.005  # α2, PGD step in [-1,1] units
     steps: int = 100  # maximum PGD steps per face
     threshold: float = 0.0  # τ: stop once the weighted cosine similarity is below this
     encoders: dict[str, float] = field(default_factory=dict)  # name -> weight; empty = auto
@@ -113,6 +113,9 @@ class Layer2Config:
     jitter_rotation: float = 1.0  # degrees (std) of rotation added per step
     jitter_scale: float = 0.01  # relative (std) scale change per step
     full_resolution: bool = False  # optimize δ2 in the photo's own grid through the warp
+    crop_size: int = 112  # pixels: side of the aligned face (ArcFace template) holding δ2 in the paper's mode
+    detect_retries: int = 3  # times a face the detector lost gets its δ2 scaled down
+    detect_backoff: float = 0.7  # factor applied to a lost face's δ2 at each retry
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,8 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (cfg.surrogate.steps >= 0 and cfg.surrogate.batch_size > 0, "surrogate.steps >= 0 and surrogate.batch_size > 0"),
         (0 < cfg.layer2.epsilon <= 2, "layer2.epsilon must be in (0, 2] ([-1,1] pixel units)"),
         (cfg.layer2.steps >= 0, "layer2.steps must be >= 0"),
+        (cfg.layer2.crop_size >= 32, "layer2.crop_size must be at least 32 pixels"),
+        (cfg.layer2.detect_retries >= 0 and 0 < cfg.layer2.detect_backoff < 1, "layer2.detect_retries >= 0 and 0 < layer2.detect_backoff < 1"),
         (all(w >= 0 for w in cfg.layer2.encoders.values()), "layer2.encoders weights must be >= 0"),
     ]
     for ok, message in checks:

@@ -124,13 +124,6 @@ def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, 
     return outputs, info
 
 
-def run_layer2_on(portraits: list[Portrait], inputs: list[np.ndarray], cfg: Config, quiet: bool) -> tuple[list[np.ndarray], list[dict]]:
-    """Layer 2 on every face of every photo; returns the photos and per-photo face reports."""
-    from dladiff.layer2 import protect_photos
-
-    return protect_photos(portraits, inputs, cfg, quiet)
-
-
 def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[int, ...] = (1, 2),
                    surrogate_dir: Path | None = None, resume: bool = False, quiet: bool = False,
                    stop: StopRequest | None = None) -> ProtectOutcome:
@@ -144,6 +137,11 @@ def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[i
     for s in skipped:
         log.warning("skipping %s", s.reason)
     device = select_device(cfg.runtime.device) if 1 in layers else torch.device("cpu")
+    layer2_models = None
+    if 2 in layers:
+        from dladiff.layer2 import prepare_layer2, protect_photos
+
+        layer2_models = prepare_layer2(cfg.layer2)  # missing encoders fail here, before any long work
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = _prepare_run_dir(out_dir, resume)
     stop = stop or StopRequest()
@@ -152,7 +150,7 @@ def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[i
     if 1 in layers:
         current, layer1_info = run_layer1_on(portraits, cfg, device, out_dir, run_dir, surrogate_dir, resume, quiet, stop)
     if 2 in layers:
-        current, face_reports = run_layer2_on(portraits, current, cfg, quiet)
+        current, face_reports = protect_photos(portraits, current, cfg, quiet, layer2_models)
     limit = allowed_linf_255(cfg, layers)
     entries, failed = [], []
     for portrait, pixels, faces in zip(portraits, current, face_reports):
@@ -179,7 +177,7 @@ def _save_output(portrait: Portrait, pixels: np.ndarray, faces, out_dir: Path, l
         "linf_255": measured, "psnr_db": round(psnr(pixels, portrait.pixels), 3),
     }
     if faces is not None:
-        entry["faces"] = faces
+        entry["layer2"] = faces
     return entry
 
 

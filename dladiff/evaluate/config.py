@@ -35,6 +35,7 @@ EVALUATE_CONFIG_FOLDER = "evaluate"
 class DreamBoothAttackConfig:
     """The attacker's DreamBooth (paper Eq. 4, §5.1: batch 4, 400 steps)."""
 
+    instance_prompt: str = "a photo of sks person"
     steps: int = 400
     batch_size: int = 4
     learning_rate: float = 5.0e-7
@@ -53,6 +54,7 @@ class DreamBoothAttackConfig:
 class LoraAttackConfig:
     """The attacker's LoRA on the UNet attention projections (paper §5.3, Table 2)."""
 
+    instance_prompt: str = "a photo of sks person"
     rank: int = 8
     alpha: float = 8.0
     steps: int = 400
@@ -60,6 +62,10 @@ class LoraAttackConfig:
     learning_rate: float = 1.0e-4
     prior_preservation: bool = False
     prior_weight: float = 1.0
+    num_class_images: int = 200
+    class_prompt: str = "a photo of person"
+    class_inference_steps: int = 50
+    class_guidance_scale: float = 7.5
     adam_weight_decay: float = 1.0e-2
     max_grad_norm: float = 1.0
 
@@ -158,6 +164,7 @@ def _range_checks(cfg: EvaluateConfig) -> list[tuple[bool, str]]:
         (cfg.dreambooth.num_class_images > 0 or not cfg.dreambooth.prior_preservation, "dreambooth.num_class_images must be positive with prior_preservation"),
         (cfg.lora.steps >= 0 and cfg.lora.batch_size > 0, "lora.steps >= 0 and lora.batch_size > 0"),
         (cfg.lora.rank > 0 and cfg.lora.learning_rate > 0, "lora.rank and lora.learning_rate must be positive"),
+        (cfg.lora.num_class_images > 0 or not cfg.lora.prior_preservation, "lora.num_class_images must be positive with prior_preservation"),
         (len(cfg.generation.prompts) > 0, "generation.prompts must name at least one prompt"),
         (cfg.generation.images_per_prompt > 0, "generation.images_per_prompt must be positive"),
         (cfg.generation.inference_steps > 0 and cfg.generation.batch_size > 0, "generation.inference_steps and generation.batch_size must be positive"),
@@ -245,8 +252,37 @@ def with_evaluate_overrides(cfg: EvaluateConfig, **sections) -> EvaluateConfig:
     return evaluate_config_from_dict(data)
 
 
+def plain_settings(settings: dict) -> dict:
+    """``settings`` as plain JSON data (dataclasses converted), for the record written with the images."""
+    return {k: config_to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in settings.items()}
+
+
 def fingerprint(*parts) -> str:
     """A short stable hash of JSON-serializable parts (dataclasses are converted first)."""
     plain = [config_to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
     text = json.dumps(plain, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def parse_attacks(text: str) -> tuple[str, ...]:
+    """``--attacks dreambooth,lora`` -> ``("dreambooth", "lora")``; unknown names raise :class:`ConfigError`."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in ATTACKS]
+    if not names or unknown:
+        raise ConfigError(f"--attacks {text!r}: give a comma-separated list of {', '.join(ATTACKS)}")
+    return names
+
+
+def evaluate_config_for_cli(config: str | None = None, attacks: str | None = None, model: str | None = None,
+                            device: str | None = None, seed: int | None = None) -> EvaluateConfig:
+    """The evaluation config of ``--config`` with the command-line overrides applied."""
+    cfg = load_evaluate_config(config)
+    overrides: dict = {}
+    if attacks:
+        overrides["attacks"] = parse_attacks(attacks)
+    if model:
+        overrides["model"] = {"id": model}
+    runtime = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
+    if runtime:
+        overrides["runtime"] = runtime
+    return with_evaluate_overrides(cfg, **overrides) if overrides else cfg

@@ -1,0 +1,300 @@
+"""Layer 2: weighted multi-encoder identity PGD with jittered face alignment (paper §4.2).
+
+For every face of the layer-1 output x1 (landmarks detected on x1) and its clean counterpart x
+(landmarks detected on x), with encoders E_k and weights w_k:
+
+    L_id(δ2) = Σ_k w_k · cos(E_k(Align_k(x1 ⊕ δ2)), E_k(Align_k(x)))            (Eq. 10)
+    δ2 ← Π_η2(δ2 − α2 · sign(∇δ2 L_id)), stopping once L_id / Σ w_k < τ        (Eq. 11)
+
+``x1 ⊕ δ2`` puts δ2 into the photo: in the paper's mode δ2 lives on the aligned face (ArcFace
+template, ``crop_size``²) and is warped back with the inverse alignment; with
+``full_resolution: true`` δ2 lives in the photo's own pixel grid around the face. Each step
+jitters every alignment matrix a little (robustness to landmark shifts). Only pixels inside the
+aligned face's footprint change; the bound holds in the photo because the inverse warp is a
+convex combination of crop pixels, and it is enforced again after quantization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dladiff.config import Config, Layer2Config
+from dladiff.data import Portrait
+from dladiff.faces.align import ARCFACE_TEMPLATE_112, alignment_matrix, inverse_warp_to_image, jitter_matrix, warp_to_crop
+from dladiff.faces.detect import Face, FaceDetector, make_detector
+from dladiff.faces.encoders import IdentityEncoder, load_encoder, resolve_encoder_weights
+from dladiff.pgd import pgd_update, project
+from dladiff.runtime import progress
+
+log = logging.getLogger("dladiff")
+
+
+@dataclass
+class Layer2Models:
+    """The detector and the weighted encoders, loaded once before any work (missing files fail early)."""
+
+    detector: FaceDetector
+    encoders: dict[str, IdentityEncoder]
+    weights: dict[str, float]
+
+
+def prepare_layer2(cfg: Layer2Config) -> Layer2Models:
+    """Load the face detector and the encoders named by the config (or the default ones)."""
+    weights = resolve_encoder_weights(dict(cfg.encoders), cfg.model_root)
+    encoders = {name: load_encoder(name, cfg.model_root) for name in weights}
+    return Layer2Models(make_detector(cfg.detector, cfg.model_root, cfg.det_size), encoders, weights)
+
+
+def to_unit(pixels: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3) uint8`` → ``(1, 3, H, W)`` float32 in [-1, 1]."""
+    return torch.from_numpy(np.array(pixels, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
+
+
+def from_unit(x: torch.Tensor) -> np.ndarray:
+    """``(1, 3, H, W)`` in [-1, 1] → ``(H, W, 3) float64`` in 0..255 (not rounded)."""
+    return ((x[0].permute(1, 2, 0).double() + 1.0) * 127.5).numpy()
+
+
+def shift_matrix(M: np.ndarray, x0: int, y0: int) -> np.ndarray:
+    """The matrix acting on a patch whose top-left corner is (x0, y0) in the photo."""
+    out = np.array(M, dtype=np.float64)
+    out[:, 2] += out[:, :2] @ np.array([x0, y0], dtype=np.float64)
+    return out
+
+
+def crop_box(matrices: list[tuple[np.ndarray, int]], height: int, width: int, margin: int = 2) -> tuple[int, int, int, int]:
+    """Smallest photo box (x0, y0, x1, y1) holding every crop's footprint, plus a margin, clipped."""
+    corners = []
+    for M, size in matrices:
+        inverse = np.linalg.inv(np.vstack([M, [0.0, 0.0, 1.0]]))[:2]
+        square = np.array([[0, 0], [size, 0], [0, size], [size, size]], dtype=np.float64) - 0.5
+        corners.append(square @ inverse[:, :2].T + inverse[:, 2])
+    points = np.concatenate(corners)
+    x0, y0 = np.floor(points.min(0)).astype(int) - margin
+    x1, y1 = np.ceil(points.max(0)).astype(int) + margin
+    return max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+
+
+def master_template(crop_size: int) -> np.ndarray:
+    """ArcFace's 5-point template scaled to a ``crop_size``² aligned face (the paper's δ2 grid)."""
+    return ARCFACE_TEMPLATE_112 * (crop_size / 112.0)
+
+
+@dataclass
+class FaceProblem:
+    """One face, ready for PGD: its patch of x1, alignment matrices and clean embeddings."""
+
+    face_bbox: np.ndarray  # (4,) of the clean face, photo pixels
+    box: tuple[int, int, int, int]
+    patch: torch.Tensor  # (1, 3, h, w) of x1 in [-1, 1]
+    master: np.ndarray  # (2, 3) patch → aligned face (crop_size²)
+    perturbed_align: dict[str, np.ndarray]  # per encoder, patch → its crop (landmarks of x1)
+    clean_embeddings: dict[str, torch.Tensor]  # per encoder, (D,) of the clean face
+
+
+def match_face(face: Face, candidates: list[Face]) -> Face:
+    """The candidate whose landmarks are closest to ``face``'s (itself if there is none close)."""
+    if not candidates:
+        return face
+    distances = [np.linalg.norm(c.landmarks.mean(0) - face.landmarks.mean(0)) for c in candidates]
+    best = int(np.argmin(distances))
+    eye_gap = np.linalg.norm(face.landmarks[0] - face.landmarks[1])
+    return candidates[best] if distances[best] < eye_gap else face
+
+
+@torch.no_grad()
+def embed_face(encoder: IdentityEncoder, image: torch.Tensor, landmarks: np.ndarray) -> torch.Tensor:
+    """Embedding ``(D,)`` of the face with ``landmarks`` in ``image`` ``(1, 3, H, W)`` [-1, 1]."""
+    M = alignment_matrix(landmarks, encoder.template)
+    crop = warp_to_crop(image, torch.as_tensor(M, dtype=torch.float32), encoder.crop_size)
+    return encoder(crop)[0]
+
+
+def build_problem(clean_face: Face, protected_face: Face, x1: torch.Tensor, clean: torch.Tensor,
+                  models: Layer2Models, cfg: Layer2Config) -> FaceProblem:
+    """Alignment of the face on x1 for each encoder and the master grid, and clean embeddings."""
+    height, width = x1.shape[-2:]
+    master = alignment_matrix(protected_face.landmarks, master_template(cfg.crop_size))
+    per_encoder = {n: alignment_matrix(protected_face.landmarks, e.template) for n, e in models.encoders.items()}
+    sized = [(master, cfg.crop_size)] + [(per_encoder[n], e.crop_size) for n, e in models.encoders.items()]
+    x0, y0, x1_, y1_ = crop_box(sized, height, width)
+    return FaceProblem(
+        face_bbox=clean_face.bbox,
+        box=(x0, y0, x1_, y1_),
+        patch=x1[..., y0:y1_, x0:x1_].clone(),
+        master=shift_matrix(master, x0, y0),
+        perturbed_align={n: shift_matrix(M, x0, y0) for n, M in per_encoder.items()},
+        clean_embeddings={n: embed_face(e, clean, clean_face.landmarks) for n, e in models.encoders.items()},
+    )
+
+
+class IdentityAttack:
+    """PGD on one face (Eqs. 10-11), in the aligned-face grid or the photo's own grid."""
+
+    def __init__(self, problem: FaceProblem, models: Layer2Models, cfg: Layer2Config, rng: np.random.Generator):
+        self.problem, self.models, self.cfg, self.rng = problem, models, cfg, rng
+        self.total_weight = sum(models.weights.values()) or 1.0
+        patch = problem.patch
+        if cfg.full_resolution:
+            self.reference = patch
+            self.footprint = inverse_warp_to_image(torch.zeros(1, 1, cfg.crop_size, cfg.crop_size), problem.master, patch.shape[-2:])[1]
+        else:
+            self.reference = warp_to_crop(patch, torch.as_tensor(problem.master, dtype=torch.float32), cfg.crop_size)
+        self.delta = torch.zeros_like(self.reference)
+
+    def perturbed_patch(self, delta: torch.Tensor) -> torch.Tensor:
+        """x1 ⊕ δ2 on the face's patch, clamped to [-1, 1]."""
+        patch = self.problem.patch
+        if self.cfg.full_resolution:
+            return (patch + delta * self.footprint).clamp(-1, 1)
+        image_delta, _ = inverse_warp_to_image(delta, self.problem.master, patch.shape[-2:])
+        return (patch + image_delta).clamp(-1, 1)
+
+    def similarity(self, delta: torch.Tensor, jitter: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted cosine similarity L_id / Σw (differentiable) and the per-encoder cosines."""
+        perturbed = self.perturbed_patch(delta)
+        total, parts = 0.0, {}
+        for name, encoder in self.models.encoders.items():
+            M = self.problem.perturbed_align[name]
+            if jitter:
+                M = jitter_matrix(M, self.rng, self.cfg.jitter_translation, self.cfg.jitter_rotation, self.cfg.jitter_scale,
+                                  crop_size=encoder.crop_size)
+            crop = warp_to_crop(perturbed, torch.as_tensor(M, dtype=torch.float32), encoder.crop_size)
+            cos = F.cosine_similarity(encoder(crop)[0], self.problem.clean_embeddings[name], dim=0)
+            parts[name] = float(cos.detach())
+            total = total + self.models.weights[name] * cos
+        return total / self.total_weight, parts
+
+    def run(self) -> tuple[torch.Tensor, int, float]:
+        """PGD descent; returns (δ2 on the patch grid in [-1,1] units, steps taken, last similarity)."""
+        eps, alpha = self.cfg.epsilon, self.cfg.step_size
+        steps, value = 0, float("nan")
+        for steps in range(1, self.cfg.steps + 1):
+            delta = self.delta.clone().requires_grad_(True)
+            loss, _ = self.similarity(delta, jitter=True)
+            value = float(loss.detach())
+            if value < self.cfg.threshold:
+                steps -= 1
+                break
+            (grad,) = torch.autograd.grad(loss, delta)
+            self.delta = pgd_update(self.delta, grad, self.reference, alpha, eps, ascent=False)
+        with torch.no_grad():
+            patch_delta = self.perturbed_patch(self.delta) - self.problem.patch
+        return patch_delta, steps, value
+
+
+def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer2Models, cfg: Layer2Config,
+                  seed: int) -> tuple[np.ndarray, list[dict]]:
+    """Layer 2 on every face of one photo; returns the uint8 photo and a report per face.
+
+    A face that the perturbation hides from the detector is optimized again with its bound
+    scaled by ``detect_backoff`` (at most ``detect_retries`` times): the aim is a face that is
+    read as someone else, not a face that vanishes.
+    """
+    x1, clean = to_unit(x1_pixels), to_unit(clean_pixels)
+    clean_faces = models.detector.detect(clean_pixels)
+    if not clean_faces:
+        return x1_pixels.copy(), []
+    protected_faces = models.detector.detect(x1_pixels)
+    rng = np.random.default_rng(seed)
+    problems = [build_problem(face, match_face(face, protected_faces), x1, clean, models, cfg) for face in clean_faces]
+    scales = [1.0] * len(problems)
+    runs = [attack_face(problem, models, cfg, 1.0, rng) for problem in problems]
+    for attempt in range(cfg.detect_retries + 1):
+        out = quantize(x1_pixels, from_unit(x1 + compose_deltas(x1, problems, runs, cfg.epsilon)) - x1_pixels.astype(np.float64),
+                       cfg.epsilon * 127.5)
+        found = models.detector.detect(out)
+        lost = [i for i, face in enumerate(clean_faces) if match_face(face, found) is face]
+        if not lost or attempt == cfg.detect_retries:
+            break
+        for i in lost:
+            scales[i] *= cfg.detect_backoff
+            runs[i] = attack_face(problems[i], models, cfg, scales[i], rng)
+    if lost:
+        log.warning("%d face(s) no longer detected after %d retries", len(lost), cfg.detect_retries)
+    return out, [dict(run.report, bound_scale=scale, **measure_identity(clean_pixels, out, face, found, models))
+                 for run, face, scale in zip(runs, clean_faces, scales)]
+
+
+@dataclass
+class FaceRun:
+    """The result of PGD on one face: δ2 on the face's patch grid and what to report."""
+
+    patch_delta: torch.Tensor
+    report: dict
+
+
+def attack_face(problem: FaceProblem, models: Layer2Models, cfg: Layer2Config, scale: float, rng) -> FaceRun:
+    """PGD on one face with the bound and step scaled by ``scale``."""
+    scaled = dataclasses.replace(cfg, epsilon=cfg.epsilon * scale, step_size=cfg.step_size * scale) if scale != 1.0 else cfg
+    patch_delta, steps, value = IdentityAttack(problem, models, scaled, rng).run()
+    box = [round(float(v), 1) for v in problem.face_bbox]
+    return FaceRun(patch_delta, {"bbox": box, "steps": steps, "final_similarity": value})
+
+
+def compose_deltas(x1: torch.Tensor, problems: list[FaceProblem], runs: list[FaceRun], epsilon: float) -> torch.Tensor:
+    """Sum of the faces' patch perturbations, projected to the bound where two faces overlap."""
+    total = torch.zeros_like(x1)
+    for problem, run in zip(problems, runs):
+        x0, y0, x1_, y1_ = problem.box
+        region = total[..., y0:y1_, x0:x1_]
+        total[..., y0:y1_, x0:x1_] = project(region + run.patch_delta, x1[..., y0:y1_, x0:x1_], epsilon)
+    return total
+
+
+def quantize(base: np.ndarray, delta_255: np.ndarray, bound_255: float) -> np.ndarray:
+    """Round ``base + delta`` to uint8 while keeping ``|out − base| ≤ floor(bound)``."""
+    limit = np.floor(bound_255 + 1e-6)
+    base = base.astype(np.float64)
+    out = np.clip(np.round(base + np.clip(delta_255, -limit, limit)), 0, 255)
+    return np.clip(out, base - limit, base + limit).astype(np.uint8)
+
+
+def measure_identity(clean_pixels: np.ndarray, protected_pixels: np.ndarray, clean_face: Face,
+                     candidates: list[Face], models: Layer2Models) -> dict:
+    """ISM_pro per encoder (paper Table 4) on the final pixels, the face re-detected as an attacker would.
+
+    ``candidates``: faces detected on ``protected_pixels``. Returns ``{"redetected": bool,
+    "encoders": {name: {"ism_pro": cos, "same_person": bool, ...}}}``.
+    """
+    protected_face = match_face(clean_face, candidates)
+    clean, protected = to_unit(clean_pixels), to_unit(protected_pixels)
+    result = {}
+    for name, encoder in models.encoders.items():
+        a = embed_face(encoder, clean, clean_face.landmarks)
+        b = embed_face(encoder, protected, protected_face.landmarks)
+        entry = {"ism_pro": round(float(F.cosine_similarity(a, b, dim=0)), 4),
+                 "same_person": bool(encoder.same_person(a, b)),
+                 "threshold": encoder.threshold, "threshold_kind": encoder.threshold_kind}
+        if encoder.threshold_kind == "euclidean":
+            entry["distance"] = round(float(torch.linalg.vector_norm(a - b)), 4)
+        result[name] = entry
+    return {"redetected": protected_face is not clean_face, "encoders": result}
+
+
+def protect_photos(portraits: list[Portrait], inputs: list[np.ndarray], cfg: Config, quiet: bool,
+                   models: Layer2Models | None = None) -> tuple[list[np.ndarray], list[dict]]:
+    """Layer 2 on each photo (``inputs`` = layer-1 outputs, or the clean photos for ``--layers 2``).
+
+    Returns the photos and, per photo, ``{"faces": [...]}`` reports; a photo without a face keeps
+    its input and its report says so.
+    """
+    models = models or prepare_layer2(cfg.layer2)
+    outputs, reports = [], []
+    bar = progress(len(portraits), "layer 2 (faces)", quiet)
+    for index, (portrait, pixels) in enumerate(zip(portraits, inputs)):
+        out, faces = protect_image(pixels, portrait.pixels, models, cfg.layer2, cfg.runtime.seed + index)
+        if not faces:
+            log.warning("%s: no face found; layer 2 left this photo as it was", portrait.name)
+        outputs.append(out)
+        reports.append({"encoders": models.weights, "faces": faces, "no_face": not faces})
+        bar.set_postfix(faces=len(faces))
+        bar.update(1)
+    bar.close()
+    return outputs, reports

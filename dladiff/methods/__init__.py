@@ -1,0 +1,81 @@
+"""Layer-1 protection methods on one engine: DLADiff and the methods the paper compares with (§5.1).
+
+``run_method(name, ...)`` has the contract of :func:`dladiff.layer1.run_layer1` (same arguments,
+checkpoint/resume, bound, :class:`~dladiff.layer1.Layer1Result`) for every method in :data:`METHODS`:
+
+========================  ==========================================================================
+``dladiff``               DSUR + ADFT (this paper, §4.1)
+``aspl``                  Anti-DreamBooth's ASPL (Van Le et al., ICCV 2023) = "w/o DSUR"
+``fsmg``                  Anti-DreamBooth's FSMG: PGD against the fixed static surrogate θs
+``mist``                  MIST (Liang et al. 2023): semantic + textural (target pattern) loss
+``anti-diffusion``        Anti-Diffusion (Zheng et al., AAAI 2025): prompt tuning + SDL + UNet tuning
+``disdiff``               DisDiff (Liu et al., ACM MM 2024): trigger-token attention erasure + MSS
+========================  ==========================================================================
+
+All share η (``layer1.epsilon``), α (``layer1.step_size``), E (``layer1.epochs``) and n1 + n2 PGD
+steps per epoch, so that the comparison is at equal budget (paper §5.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from dladiff.config import Config, config_to_dict
+from dladiff.diffusion.loading import SDComponents
+from dladiff.errors import DladiffError
+from dladiff.layer1 import Layer1Result
+from dladiff.methods.anti_diffusion import AntiDiffusionProtector
+from dladiff.methods.aspl import ASPLProtector
+from dladiff.methods.base import MethodProtector, pgd_budget, run_protector
+from dladiff.methods.disdiff import DisDiffProtector
+from dladiff.methods.dsur_adft import DLADiffProtector
+from dladiff.methods.fsmg import FSMGProtector
+from dladiff.methods.mist import MISTProtector
+from dladiff.methods.settings import AntiDiffusionConfig, DisDiffConfig, MethodConfig, MistConfig, method_config
+from dladiff.purify import eot_config
+from dladiff.runtime import StopRequest
+
+METHODS: dict[str, type[MethodProtector]] = {
+    cls.name: cls
+    for cls in (DLADiffProtector, ASPLProtector, FSMGProtector, MISTProtector, AntiDiffusionProtector, DisDiffProtector)
+}
+
+__all__ = ["METHODS", "MethodProtector", "MethodConfig", "MistConfig", "AntiDiffusionConfig", "DisDiffConfig",
+           "method_class", "method_config", "method_fingerprint", "needs_static_surrogate", "pgd_budget", "run_method"]
+
+
+def method_class(name: str) -> type[MethodProtector]:
+    """The protector class of method ``name``; a clear error for unknown names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise DladiffError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def needs_static_surrogate(name: str, cfg: Config) -> bool:
+    """Whether method ``name`` with ``cfg`` reads the static surrogate θs (so protect must train or load it)."""
+    return method_class(name).needs_static_surrogate(cfg)
+
+
+def method_fingerprint(fingerprint: str, name: str, cfg: Config) -> str:
+    """``fingerprint`` (see :func:`dladiff.layer1.run_fingerprint`) extended by the method, its settings and EOT."""
+    payload = {"layer1": fingerprint, "method": name, "settings": config_to_dict(method_config(cfg)),
+               "eot": config_to_dict(eot_config(cfg))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def run_method(name: str, x: torch.Tensor, components: SDComponents, static_unet, cfg: Config, device: torch.device,
+               run_dir: Path, fingerprint: str, resume: bool = False, quiet: bool = False,
+               stop: StopRequest | None = None) -> Layer1Result:
+    """Optimize δ1 for ``x`` ``(N, 3, R, R)`` in [-1, 1] with method ``name``; the contract of ``run_layer1``.
+
+    ‖δ1‖∞ ≤ ``layer1.epsilon`` and x + δ1 ∈ [-1, 1] after every step (``pgd.pgd_update``). Checkpoints
+    go to ``run_dir/layer1.ckpt`` under a fingerprint that includes the method, so a checkpoint of one
+    method never resumes another. ``static_unet`` may be ``None`` unless :func:`needs_static_surrogate`.
+    """
+    protector = method_class(name)(x, components, static_unet, cfg, device)
+    return run_protector(protector, cfg, run_dir, method_fingerprint(fingerprint, name, cfg), resume, quiet, stop)

@@ -1,0 +1,112 @@
+"""Layer 2 on real faces, judged by dlib's own C++ pipeline (not our port)."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dladiff.cli import EXIT_ERROR, app
+from dladiff.config import load_config, with_overrides
+from dladiff.faces.dlib_reference import DlibReference
+from dladiff.layer2 import Layer2Models, prepare_layer2, protect_image
+
+runner = CliRunner()
+
+
+def jpeg(image, quality=75):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def protected_faces(tmp_path_factory, real_photos):
+    """t1.jpg (6 people) and the astronaut, protected by `dladiff protect --layers 2 --encoders dlib`."""
+    root = tmp_path_factory.mktemp("layer2")
+    photos, out = root / "photos", root / "out"
+    photos.mkdir()
+    for name in ("t1", "astronaut"):
+        Image.fromarray(real_photos[name]).save(photos / f"{name}.png")
+    result = runner.invoke(app, ["protect", str(photos), "--out", str(out), "--layers", "2", "--encoders", "dlib", "--quiet"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = {name: np.asarray(Image.open(out / f"{name}.png")) for name in ("t1", "astronaut")}
+    return real_photos, saved, json.loads((out / "report.json").read_text())
+
+
+def test_dlib_judges_protected_faces_as_other_people(protected_faces):
+    clean, saved, _ = protected_faces
+    judge = DlibReference()
+    png = [d for name in saved for d in judge.distances(clean[name], saved[name])]
+    jpg = [d for name in saved for d in judge.distances(clean[name], jpeg(saved[name]))]
+    assert len(png) == 7
+    assert all(d is not None for d in png), "dlib must still detect every face"
+    assert sum(d > 0.6 for d in png) / len(png) >= 0.9
+    assert sum(d is not None and d > 0.6 for d in jpg) / len(jpg) >= 0.8
+
+
+def test_bound_holds_and_only_faces_change(protected_faces):
+    clean, saved, report = protected_faces
+    limit = np.floor(load_config().layer2.epsilon * 127.5 + 1e-6)
+    for entry in report["images"]:
+        name = entry["input"][:-4]
+        diff = np.abs(saved[name].astype(int) - clean[name].astype(int))
+        assert diff.max() == entry["linf_255"] <= limit
+        changed = diff.max(axis=2) > 0
+        assert changed.mean() < 0.25  # confined to face regions
+        faces = entry["layer2"]["faces"]
+        assert faces and all("dlib" in f["encoders"] for f in faces)
+        for face in faces:
+            dlib_entry = face["encoders"]["dlib"]
+            assert {"ism_pro", "same_person", "distance", "threshold"} <= set(dlib_entry)
+            assert dlib_entry["same_person"] == (dlib_entry["distance"] < 0.6)
+
+
+def _models_and_cfg(**layer2):
+    cfg = with_overrides(load_config(), layer2={"encoders": {"dlib": 1.0}, "detector": "dlib", **layer2})
+    return prepare_layer2(cfg.layer2), cfg.layer2
+
+
+def test_photo_without_face_is_kept_and_reported(tmp_path):
+    models, cfg = _models_and_cfg(steps=2)
+    blank = np.full((120, 160, 3), 128, np.uint8)
+    out, faces = protect_image(blank, blank, models, cfg, seed=0)
+    assert faces == [] and np.array_equal(out, blank)
+
+
+def test_full_resolution_mode_and_reproducibility(real_photos):
+    image = real_photos["hanks"]
+    for full in (False, True):
+        models, cfg = _models_and_cfg(steps=3, full_resolution=full)
+        a, faces = protect_image(image, image, models, cfg, seed=5)
+        b, _ = protect_image(image, image, models, cfg, seed=5)
+        assert np.array_equal(a, b)  # same seed, same result
+        assert np.abs(a.astype(int) - image.astype(int)).max() <= np.floor(cfg.epsilon * 127.5 + 1e-6)
+        assert len(faces) == 1 and faces[0]["steps"] == 3
+
+
+def test_jitter_changes_the_gradient_path(real_photos):
+    image = real_photos["hanks"]
+    models, exact = _models_and_cfg(steps=3, jitter_translation=0.0, jitter_rotation=0.0, jitter_scale=0.0)
+    a, _ = protect_image(image, image, models, exact, seed=0)
+    b, _ = protect_image(image, image, models, exact, seed=1)
+    assert np.array_equal(a, b)  # no jitter: the seed plays no part
+    _, jittered = _models_and_cfg(steps=3, jitter_translation=2.0)
+    c, _ = protect_image(image, image, models, jittered, seed=0)
+    assert not np.array_equal(a, c)
+
+
+def test_missing_encoder_is_an_error_before_any_work(photo_dir, tmp_path):
+    result = runner.invoke(app, ["protect", str(photo_dir), "--out", str(tmp_path / "out"), "--layers", "1,2",
+                                 "--config", "smoke", "--encoders", "arcface-r50", "--quiet"])
+    assert result.exit_code == EXIT_ERROR
+    assert "w600k_r50.onnx" in result.output
+    assert not (tmp_path / "out" / "surrogate").exists()
+
+
+def test_models_bundle_is_reusable():
+    models, _ = _models_and_cfg()
+    assert isinstance(models, Layer2Models) and set(models.weights) == {"dlib"}

@@ -1,0 +1,190 @@
+"""Comparison methods on the tiny random model: each runs end to end within the bound, shares the engine."""
+
+import pytest
+import torch
+
+from dladiff.config import load_config, with_overrides
+from dladiff.data import Portrait, model_batch
+from dladiff.diffusion.attention import AttentionStore
+from dladiff.diffusion.loading import load_sd, load_unet
+from dladiff.errors import DladiffError
+from dladiff.layer1 import run_layer1
+from dladiff.methods import (METHODS, AntiDiffusionConfig, MethodConfig, method_class, method_fingerprint,
+                             needs_static_surrogate, run_method)
+from dladiff.methods.anti_diffusion import semantic_disturbance
+from dladiff.methods.base import run_protector
+from dladiff.methods.disdiff import erasure_energy, merit_step_sizes
+from dladiff.methods.mist import target_pattern
+from dladiff.purify import EOTConfig
+from dladiff.runtime import Interrupted, StopRequest
+
+CPU = torch.device("cpu")
+FAST = MethodConfig(anti_diffusion=AntiDiffusionConfig(prompt_steps=2))
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_sd):
+    """2 epochs of 1 + 1 PGD steps and 1 training step; 4 steps of 0.01 exceed η = 0.02, so Π is active."""
+    return with_overrides(load_config("smoke"), model={"id": str(tiny_sd)},
+                          layer1={"epochs": 2, "stage1_steps": 1, "stage2_steps": 1, "stage3_steps": 1,
+                                  "epsilon": 0.02, "step_size": 0.01, "checkpoint_every": 1})
+
+
+@pytest.fixture(scope="module")
+def images(real_photos):
+    portraits = [Portrait(path=None, pixels=real_photos[k], sha256=k) for k in ("astronaut", "hanks")]
+    return model_batch(portraits, 64)
+
+
+def _static_unet(folder, scale=0.05, seed=1):
+    """Pretrained weights plus noise: a static surrogate that differs from the dynamic one."""
+    unet = load_unet(folder)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1))
+    return unet
+
+
+def _protector(name, tiny_sd, cfg, images, **kwargs):
+    return method_class(name)(images, load_sd(str(tiny_sd)), _static_unet(tiny_sd), cfg, CPU, **kwargs)
+
+
+def _assert_within_bound(delta, x, eps):
+    assert delta.abs().max() <= eps + 1e-6
+    assert (x + delta).min() >= -1 - 1e-6 and (x + delta).max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_runs_end_to_end_within_the_bound(name, tiny_sd, cfg, images, tmp_path):
+    result = run_method(name, images, load_sd(str(tiny_sd)), _static_unet(tiny_sd), cfg, CPU, tmp_path, "fp", quiet=True)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    _assert_within_bound(result.delta, images, cfg.layer1.epsilon)
+    assert result.delta.abs().max() > 0.5 * cfg.layer1.epsilon
+    assert (tmp_path / "layer1.ckpt").is_file()
+
+
+@pytest.mark.parametrize("name, engine_overrides", [
+    ("aspl", {"dsur": False, "stage1_steps": 0, "stage2_steps": 2}),
+    ("dladiff", {}),
+])
+def test_method_equals_the_engine_configured_alike(name, engine_overrides, tiny_sd, cfg, images, tmp_path):
+    ours = run_method(name, images, load_sd(str(tiny_sd)), _static_unet(tiny_sd), cfg, CPU, tmp_path / "m", "fp", quiet=True)
+    engine_cfg = with_overrides(cfg, layer1=engine_overrides) if engine_overrides else cfg
+    engine = run_layer1(images, load_sd(str(tiny_sd)), _static_unet(tiny_sd), engine_cfg, CPU, tmp_path / "e", "fp", quiet=True)
+    torch.testing.assert_close(ours.delta, engine.delta, atol=0, rtol=0)
+    assert ours.history == engine.history
+
+
+def test_resume_restores_method_state(tiny_sd, cfg, images, tmp_path):
+    """Anti-Diffusion's tuned prompt is part of the checkpoint: resumed = uninterrupted."""
+    def run(out, resume=False, stop=None):
+        protector = _protector("anti-diffusion", tiny_sd, cfg, images, method=FAST)
+        return run_protector(protector, cfg, out, "fp", resume=resume, quiet=True, stop=stop)
+
+    full = run(tmp_path / "a")
+    stop = StopRequest()
+    stop.request()
+    with pytest.raises(Interrupted, match="--resume"):
+        run(tmp_path / "b", stop=stop)
+    resumed = run(tmp_path / "b", resume=True)
+    torch.testing.assert_close(resumed.delta, full.delta, atol=0, rtol=0)
+    assert resumed.history == full.history
+
+
+def _loss_before_after(protector, loss_fn, step_fn, seed=123):
+    """The loss on one fixed draw before and after one step that uses the same draw."""
+    idx = torch.arange(protector.x.shape[0])
+    protector.generator.manual_seed(seed)
+    draw = protector._draw(len(idx))
+    before = float(loss_fn(idx, protector.delta, draw).detach())
+    protector.generator.manual_seed(seed)
+    step_fn()
+    return before, float(loss_fn(idx, protector.delta, draw).detach())
+
+
+@pytest.mark.parametrize("name, loss, step", [
+    ("mist", "fused_loss_on", "fused_step"),
+    ("anti-diffusion", "sdl_loss_on", "sdl_step"),
+    ("disdiff", "cae_loss_on", "cae_step"),
+])
+def test_method_pgd_step_raises_its_loss(name, loss, step, tiny_sd, cfg, images):
+    protector = _protector(name, tiny_sd, cfg, images, method=FAST)
+    before, after = _loss_before_after(protector, getattr(protector, loss), getattr(protector, step))
+    assert after > before
+
+
+def test_prompt_tuning_lowers_the_denoising_loss_of_clean_images(tiny_sd, cfg, images):
+    method = MethodConfig(anti_diffusion=AntiDiffusionConfig(prompt_steps=5, prompt_learning_rate=1e-2))
+    protector = _protector("anti-diffusion", tiny_sd, cfg, images, method=method)
+    idx = torch.arange(len(images))
+    draws = [protector._draw(len(idx)) for _ in range(3)]
+
+    def mean_loss():
+        with torch.no_grad():
+            return sum(float(protector.denoising_loss_on(idx, protector.delta, d)) for d in draws) / len(draws)
+
+    before = mean_loss()
+    protector.tune_prompt(protector.clean)
+    assert mean_loss() < before
+
+
+def test_eot_changes_the_gradient_path_and_keeps_the_bound(tiny_sd, cfg, images):
+    plain = _protector("aspl", tiny_sd, cfg, images)
+    eot = _protector("aspl", tiny_sd, cfg, images, eot=EOTConfig(enabled=True, probability=1.0))
+    plain.run_epoch()
+    eot.run_epoch()
+    _assert_within_bound(eot.delta, images, cfg.layer1.epsilon)
+    assert not torch.equal(plain.delta, eot.delta)
+
+
+def test_static_surrogate_needs(cfg):
+    assert needs_static_surrogate("dladiff", cfg) and needs_static_surrogate("fsmg", cfg)
+    assert not needs_static_surrogate("dladiff", load_config("ablation_no_dsur"))
+    assert not any(needs_static_surrogate(n, cfg) for n in ("aspl", "mist", "anti-diffusion", "disdiff"))
+
+
+def test_unknown_method_and_missing_surrogate_are_clear_errors(tiny_sd, cfg, images):
+    with pytest.raises(DladiffError, match="unknown method 'glaze'.*aspl"):
+        method_class("glaze")
+    with pytest.raises(DladiffError, match="static surrogate"):
+        method_class("fsmg")(images, load_sd(str(tiny_sd)), None, cfg, CPU)
+
+
+def test_checkpoints_of_different_methods_never_match(cfg):
+    prints = {method_fingerprint("fp", name, cfg) for name in METHODS}
+    assert len(prints) == len(METHODS)
+
+
+def test_mist_target_is_a_high_contrast_periodic_texture():
+    pattern = target_pattern(64, 16)
+    assert pattern.shape == (1, 3, 64, 64) and set(pattern.unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(pattern[..., :16], pattern[..., 16:32])
+    torch.testing.assert_close(pattern[..., :8, :], -pattern[..., 8:16, :])
+    assert abs(float(pattern.mean())) < 1e-6
+
+
+def test_merit_schedule_is_full_at_t0_and_zero_at_the_last_timestep():
+    sizes = merit_step_sizes(torch.tensor([0, 500, 999]), 1000, 0.01).flatten()
+    torch.testing.assert_close(sizes, torch.tensor([0.01, 0.005, 0.0]), atol=1e-5, rtol=0)
+
+
+def _store_with(cross: torch.Tensor) -> AttentionStore:
+    store = AttentionStore()
+    store.cross["down_blocks.1.attn2"] = cross
+    return store
+
+
+def test_erasure_energy_is_zero_when_the_trigger_takes_all_attention():
+    words, trigger = [1, 2, 3, 4, 5], [4]
+    focused = torch.zeros(2, 1, 16, 77)
+    focused[..., 4] = 1.0
+    assert float(erasure_energy(_store_with(focused), words, trigger, 100.0)) == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((2, 1, 16, 77), 1 / 77)
+    assert float(erasure_energy(_store_with(uniform), words, trigger, 100.0)) == pytest.approx((1 - 1 / 5) ** 2, abs=1e-6)
+
+
+def test_semantic_disturbance_grows_with_attention_mass():
+    low, high = torch.full((1, 2, 16, 77), 1e-4), torch.full((1, 2, 16, 77), 0.5)
+    assert float(semantic_disturbance(_store_with(low), 100.0)) == pytest.approx(1e-4, rel=1e-3)
+    assert float(semantic_disturbance(_store_with(high), 100.0)) == pytest.approx(1.0)
