@@ -48,7 +48,8 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(EXIT_ERROR)
 
 
-def _load(config: Optional[str], model: Optional[str], device: Optional[str], seed: Optional[int], **layer2):
+def _load(config: Optional[str], model: Optional[str], device: Optional[str], seed: Optional[int],
+          method: Optional[str] = None, eot: Optional[bool] = None, **layer2):
     from dladiff.config import load_config, with_overrides
 
     cfg = load_config(config)
@@ -56,6 +57,10 @@ def _load(config: Optional[str], model: Optional[str], device: Optional[str], se
     overrides = {"runtime": runtime} if runtime else {}
     if model:
         overrides["model"] = {"id": model}
+    if method:
+        overrides["method"] = {"name": method}
+    if eot is not None:
+        overrides["eot"] = {"enabled": eot}
     l2 = {k: v for k, v in layer2.items() if v is not None}
     if l2:
         overrides["layer2"] = l2
@@ -88,14 +93,17 @@ def _parse_encoders(text: Optional[str]) -> Optional[dict]:
 
 @app.command("protect")
 def protect_cmd(
-    photos: Path = typer.Argument(..., help="Folder of portraits of one person (JPEG, PNG, WebP, ...). Never modified."),
+    photos: Path = typer.Argument(..., help="Folder of portraits of one person (JPEG, PNG, WebP, ...), or a dataset root with --dataset. Never modified."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: protected PNGs named after the inputs, report.json, the surrogate."),
     config: Optional[str] = ConfigOpt,
     model: Optional[str] = ModelOpt,
     surrogate: Optional[Path] = typer.Option(None, "--surrogate", "-s", help="Static surrogate from `dladiff finetune-surrogate`. Default: trained first on the same photos and kept in OUT/surrogate."),
     layers: str = typer.Option("1,2", "--layers", help="Which layers: 1 (anti fine-tuning), 2 (anti zero-shot, needs no diffusion model) or 1,2."),
+    method: Optional[str] = typer.Option(None, "--method", help="Layer-1 method: dladiff (default), aspl, fsmg, mist, anti-diffusion, disdiff (same budget; see docs/methods.md)."),
+    eot: Optional[bool] = typer.Option(None, "--eot/--no-eot", help="Expectation over transformations (random differentiable JPEG, resize, blur) during PGD in both layers (default: config, off)."),
     encoders: Optional[str] = typer.Option(None, "--encoders", help="Layer-2 identity encoders, e.g. dlib,arcface-r50 or dlib=0.5,arcface-r100=1 (default: config; empty = ArcFace packs present, else dlib)."),
     detector: Optional[str] = typer.Option(None, "--detector", help="Layer-2 face detector: auto, dlib, insightface, retinaface."),
+    dataset: bool = typer.Option(False, "--dataset", help="PHOTOS is a dataset root (one folder per identity, or the Anti-DreamBooth set_A/set_B/set_C layout): protect every identity into OUT/<identity>, skipping finished ones; shards identities across `accelerate launch` processes."),
     device: Optional[str] = DeviceOpt,
     seed: Optional[int] = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT (same result as an uninterrupted run)."),
@@ -108,27 +116,47 @@ def protect_cmd(
     similarity between clean and protected face. Ctrl-C finishes the current epoch and leaves a
     checkpoint; run the same command with --resume to continue.
     """
-    from dladiff.protect import protect_folder
     from dladiff.runtime import Interrupted, StopRequest
 
     _setup_logging(quiet)
     try:
-        cfg = _load(config, model, device, seed, encoders=_parse_encoders(encoders), detector=detector)
+        cfg = _load(config, model, device, seed, method, eot, encoders=_parse_encoders(encoders), detector=detector)
+        chosen = _parse_layers(layers)
         stop = StopRequest()
         with stop.handle_sigint():
-            outcome = protect_folder(photos, out, cfg, _parse_layers(layers), surrogate, resume, quiet, stop)
+            if dataset:
+                problems = _protect_dataset(photos, out, cfg, chosen, surrogate, quiet)
+            else:
+                problems = _protect_one(photos, out, cfg, chosen, surrogate, resume, quiet, stop)
     except Interrupted as exc:
         typer.echo(f"dladiff: {exc}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     except DladiffError as exc:
         _fail(exc)
-    n = len(outcome.report["images"])
-    if not quiet:
-        typer.echo(f"protected {n} photo(s) into {outcome.out_dir} (report: {outcome.out_dir / 'report.json'})")
-    problems = outcome.skipped + outcome.failed
     if problems:
-        typer.echo(f"dladiff: {len(problems)} file(s) skipped or failed: " + "; ".join(p.reason for p in problems), err=True)
+        typer.echo(f"dladiff: {len(problems)} item(s) skipped or failed: " + "; ".join(problems), err=True)
         raise typer.Exit(EXIT_SKIPPED)
+
+
+def _protect_one(photos, out, cfg, layers, surrogate, resume, quiet, stop) -> list[str]:
+    from dladiff.protect import protect_folder
+
+    outcome = protect_folder(photos, out, cfg, layers, surrogate, resume, quiet, stop)
+    if not quiet:
+        typer.echo(f"protected {len(outcome.report['images'])} photo(s) into {outcome.out_dir} "
+                   f"(report: {outcome.out_dir / 'report.json'})")
+    return [p.reason for p in outcome.skipped + outcome.failed]
+
+
+def _protect_dataset(root, out, cfg, layers, surrogate, quiet) -> list[str]:
+    from dladiff.dataset import protect_dataset
+
+    if surrogate is not None:
+        raise DladiffError("--surrogate cannot be used with --dataset: each identity gets its own surrogate")
+    outcome = protect_dataset(root, out, cfg, layers, quiet)
+    if not quiet:
+        typer.echo(f"protected {len(outcome.protected)} identities into {out} ({len(outcome.already_done)} already done)")
+    return [f"{name}: {reason}" for name, reason in outcome.failed.items()]
 
 
 @app.command("finetune-surrogate")
@@ -170,13 +198,75 @@ def finetune_surrogate_cmd(
         raise typer.Exit(EXIT_SKIPPED)
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    photos: Path = typer.Argument(..., help="Protected photos of one identity (or, with --dataset, the OUT root of `protect --dataset`)."),
+    clean: Path = typer.Option(..., "--clean", help="The clean originals, same layout (an Anti-DreamBooth root is read as is: set_B originals, set_C references)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Evaluation folder: results.json/.csv/.md, contact sheets, cached attack outputs."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Evaluation config: a YAML file or a built-in name from configs/evaluate (default, smoke, transfer_sd15)."),
+    attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma list of dreambooth, lora, faceid, instantid (default: config)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model the attacker fine-tunes (DreamBooth/LoRA); another base model than the protection's tests model transfer."),
+    dataset: bool = typer.Option(False, "--dataset", help="PHOTOS and --clean are dataset roots; identities are sharded across `accelerate launch` processes and merged."),
+    method: Optional[str] = typer.Option(None, "--method", help="Label of the protection in the tables (default: the folder name of PHOTOS)."),
+    dataset_label: Optional[str] = typer.Option(None, "--dataset-label", help="Label of the dataset in the tables (default: the folder name of --clean in dataset mode)."),
+    merge_only: bool = typer.Option(False, "--merge-only", help="Only merge the per-identity results already in OUT into the tables."),
+    purify: Optional[str] = typer.Option(None, "--purify", help="Transform the protected photos before the attack, e.g. jpeg:75,resize:0.5,blur:1.0 (each alone) or resize:0.5+jpeg:75 (in sequence); every metric is reported per transform."),
+    device: Optional[str] = DeviceOpt,
+    seed: Optional[int] = SeedOpt,
+    quiet: bool = QuietOpt,
+):
+    """Play the attacker on protected photos and score the result as the paper does (Tables 1-4, 9, 10).
+
+    Fine-tunes (DreamBooth, LoRA) or runs zero-shot adapters (IP-Adapter FaceID, InstantID) on the
+    photos, generates with fixed seeds, and writes FDR, ISM, FID, BRISQUE/FIQA, PSNR/SSIM and NSFW
+    rate. Finished attacks are cached: a rerun (or a killed run run again) skips them.
+    """
+    from dladiff.evaluate.config import evaluate_config_for_cli
+    from dladiff.evaluate.purified import evaluate_purified
+
+    _setup_logging(quiet)
+    try:
+        cfg = evaluate_config_for_cli(config, attacks, model, device, seed)
+        outcomes = evaluate_purified(photos, clean, out, cfg, dataset, method, dataset_label, merge_only, quiet, purify)
+    except DladiffError as exc:
+        _fail(exc)
+    problems = []
+    for outcome in outcomes:
+        problems += [f"{name}: {reason}" for name, reason in outcome.failed.items()]
+        problems += [f"{name}/{attack}: {reason}" for name, skipped in outcome.skipped_attacks.items() for attack, reason in skipped.items()]
+    if not quiet:
+        typer.echo("results: " + ", ".join(str(o.out_dir / "results.md") for o in outcomes))
+    if problems:
+        typer.echo(f"dladiff: {len(problems)} identity/attack(s) skipped or failed: " + "; ".join(problems), err=True)
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command("evaluate-tables")
+def evaluate_tables_cmd(
+    eval_dirs: list[Path] = typer.Argument(..., help="Evaluation folders (each with results.json) to put in one set of tables."),
+    out: Path = typer.Option(..., "--out", "-o", help="Markdown file to write."),
+):
+    """Merge several evaluations (e.g. "w/o Protect", "Ours", other methods) into the paper's table layout."""
+    from dladiff.evaluate.report import write_comparison
+
+    try:
+        write_comparison(eval_dirs, out)
+    except DladiffError as exc:
+        _fail(exc)
+    typer.echo(f"tables written to {out}")
+
+
 @app.command("configs")
 def configs_cmd():
     """List the built-in configs (usable by name with --config)."""
     from dladiff.config import builtin_config_dir, builtin_config_names
 
+    from dladiff.evaluate.config import builtin_evaluate_dir, builtin_evaluate_names
+
     for name in builtin_config_names():
-        typer.echo(f"{name}\t{builtin_config_dir() / (name + '.yaml')}")
+        typer.echo(f"protect\t{name}\t{builtin_config_dir() / (name + '.yaml')}")
+    for name in builtin_evaluate_names():
+        typer.echo(f"evaluate\t{name}\t{builtin_evaluate_dir() / (name + '.yaml')}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -118,6 +118,64 @@ class Layer2Config:
     detect_backoff: float = 0.7  # factor applied to a lost face's δ2 at each retry
 
 
+MethodName = Literal["dladiff", "aspl", "fsmg", "mist", "anti-diffusion", "disdiff"]
+
+
+@dataclass(frozen=True)
+class MistConfig:
+    """MIST's fused loss w_sem·L_denoise − w_tex·mean‖z(x+δ) − z(target)‖² (ascent)."""
+
+    semantic_weight: float = 0.61  # w_sem: Mist's rate 1e4 vs its sum-reduced textural loss over 4x64x64 latents
+    textural_weight: float = 1.0  # w_tex
+    target_period: int = 32  # pixels at the model resolution: one period of the checkerboard target
+
+
+@dataclass(frozen=True)
+class AntiDiffusionConfig:
+    """Anti-Diffusion: prompt tuning (PT) + semantic disturbance loss (SDL) + UNet tuning."""
+
+    prompt_steps: int = 30  # AdamW steps of PT on clean images first, then on x + δ after every epoch
+    prompt_learning_rate: float = 1.0e-3
+    prompt_init: Literal["instance", "empty"] = "instance"  # start PT from c's hidden states or from ""'s
+    attention_weight: float = 1.0  # weight of the SDL term
+    attention_scale: float = 100.0  # SDL = mean(clamp(scale·Ā, 0, 1)²)
+
+
+@dataclass(frozen=True)
+class DisDiffConfig:
+    """DisDiff: cross-attention erasure (CAE) of the trigger token + merit sampling scheduler (MSS)."""
+
+    attention_weight: float = 0.1  # weight of the CAE energy term (DisDiff's att_param)
+    sharpness: float = 100.0  # the token softmax of the maps runs on sharpness·Ā
+    step_schedule: Literal["cosine", "constant"] = "cosine"  # MSS: α·(1 + cos(π t/(T−1)))/2, or α
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which protection method layer 1 runs, and the per-method settings."""
+
+    name: MethodName = "dladiff"
+    mist: MistConfig = field(default_factory=MistConfig)
+    anti_diffusion: AntiDiffusionConfig = field(default_factory=AntiDiffusionConfig)
+    disdiff: DisDiffConfig = field(default_factory=DisDiffConfig)
+
+
+@dataclass(frozen=True)
+class EOTConfig:
+    """Random transforms applied to x + δ inside PGD (expectation over transformations). Off by default.
+
+    Each transform (JPEG, then resize, then blur) is applied independently with ``probability``,
+    with its parameter drawn uniformly in its range (the same draw for the whole batch).
+    """
+
+    enabled: bool = False
+    probability: float = 0.5  # chance that each transform is applied at a PGD step
+    jpeg_quality: tuple[int, int] = (50, 95)  # JPEG quality range (inclusive)
+    resize_scale: tuple[float, float] = (0.5, 1.0)  # down-scale factor range
+    blur_sigma: tuple[float, float] = (0.0, 1.0)  # pixels, Gaussian std range
+    rounding: Literal["ste", "cubic"] = "ste"  # rounding approximation of the differentiable JPEG
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole run: model, runtime, prompts, surrogate and both layers."""
@@ -128,6 +186,8 @@ class Config:
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     layer1: Layer1Config = field(default_factory=Layer1Config)
     layer2: Layer2Config = field(default_factory=Layer2Config)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    eot: EOTConfig = field(default_factory=EOTConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -162,7 +222,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -218,6 +282,12 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (cfg.layer2.crop_size >= 32, "layer2.crop_size must be at least 32 pixels"),
         (cfg.layer2.detect_retries >= 0 and 0 < cfg.layer2.detect_backoff < 1, "layer2.detect_retries >= 0 and 0 < layer2.detect_backoff < 1"),
         (all(w >= 0 for w in cfg.layer2.encoders.values()), "layer2.encoders weights must be >= 0"),
+        (cfg.method.mist.target_period >= 2, "method.mist.target_period must be >= 2"),
+        (cfg.method.anti_diffusion.prompt_steps >= 0, "method.anti_diffusion.prompt_steps must be >= 0"),
+        (0 <= cfg.eot.probability <= 1, "eot.probability must be in [0, 1]"),
+        (1 <= cfg.eot.jpeg_quality[0] <= cfg.eot.jpeg_quality[1] <= 100, "eot.jpeg_quality must be [low, high] within 1..100"),
+        (0 < cfg.eot.resize_scale[0] <= cfg.eot.resize_scale[1] <= 1, "eot.resize_scale must be [low, high] within (0, 1]"),
+        (0 <= cfg.eot.blur_sigma[0] <= cfg.eot.blur_sigma[1], "eot.blur_sigma must be [low, high] with 0 <= low <= high"),
     ]
     for ok, message in checks:
         if not ok:

@@ -21,6 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,6 +33,7 @@ from dladiff.diffusion.loading import SDComponents, encode_prompt, token_positio
 from dladiff.diffusion.loss import denoising_loss, draw_noise, latent_distribution, sample_latents
 from dladiff.errors import DladiffError
 from dladiff.pgd import pgd_update
+from dladiff.purify import eot_transform
 from dladiff.runtime import Interrupted, StopRequest, autocast, frozen_dtype, progress
 
 log = logging.getLogger("dladiff")
@@ -58,7 +60,15 @@ def run_fingerprint(cfg: Config, image_hashes: list[str], surrogate_id: str | No
 
 
 class ADFTProtector:
-    """Holds both surrogates, the cached clean latents and δ1; runs the three ADFT stages."""
+    """Holds both surrogates, the cached clean latents and δ1; runs the three ADFT stages.
+
+    The comparison methods (``dladiff.methods``) subclass it and override the hooks
+    :meth:`pgd_phases`, :meth:`step_size`, :meth:`before_epoch`, :meth:`after_training` and
+    :meth:`extra_state`; with EOT on (``eot.enabled``) every PGD gradient passes through a random
+    differentiable JPEG/resize/blur of x + δ1.
+    """
+
+    name = "dladiff"
 
     def __init__(self, x: torch.Tensor, components: SDComponents, static_unet, cfg: Config, device: torch.device):
         self.cfg, self.l1, self.device = cfg, cfg.layer1, device
@@ -102,8 +112,13 @@ class ADFTProtector:
     def _draw(self, batch: int):
         return draw_noise(batch, self.latent_shape, self.scheduler.config.num_train_timesteps, self.generator, self.device)
 
+    def perturbed_pixels(self, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """x + δ1 of the chunk, through a random differentiable JPEG/resize/blur when ``eot.enabled``."""
+        pixels = self.x[idx] + delta
+        return eot_transform(pixels, self.generator, self.cfg.eot) if self.cfg.eot.enabled else pixels
+
     def _perturbed_latents(self, delta: torch.Tensor, idx: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        mean, std = latent_distribution(self.vae, (self.x[idx] + delta).to(self.vae.dtype))
+        mean, std = latent_distribution(self.vae, self.perturbed_pixels(idx, delta).to(self.vae.dtype))
         return sample_latents(self.vae, mean.float(), std.float(), xi)
 
     @torch.no_grad()
@@ -135,14 +150,19 @@ class ADFTProtector:
             latents = self._perturbed_latents(delta, idx, draw.latent_noise)
             return denoising_loss(self.unet_d, self.scheduler, latents, self.text, draw)
 
+    def step_size(self, draw) -> float | torch.Tensor:
+        """α1 for this draw: a number, or ``(B, 1, 1, 1)`` per image (methods with schedules override it)."""
+        return self.l1.step_size
+
     def _pgd_step(self, loss_fn) -> float:
         """One PGD ascent step over all images (chunk by chunk); returns the mean loss before it."""
         losses = []
         for idx in self._chunks():
             delta = self.delta[idx].clone().requires_grad_(True)
-            loss = loss_fn(idx, delta, self._draw(len(idx)))
+            draw = self._draw(len(idx))
+            loss = loss_fn(idx, delta, draw)
             (grad,) = torch.autograd.grad(loss, delta)
-            self.delta[idx] = pgd_update(self.delta[idx], grad, self.x[idx], self.l1.step_size, self.l1.epsilon, ascent=True)
+            self.delta[idx] = pgd_update(self.delta[idx], grad, self.x[idx], self.step_size(draw), self.l1.epsilon, ascent=True)
             losses.append(float(loss.detach()))
         return sum(losses) / len(losses)
 
@@ -162,12 +182,23 @@ class ADFTProtector:
         """Stage 3: one AdamW step of θd minimizing the denoising loss on x + δ1."""
         return self.trainer.step(data, self.l1.batch_size, self.generator)
 
-    def run_epoch(self, bar=None) -> dict:
-        """Stages 1-3 of one epoch (Eq. 9); returns the mean loss of each stage."""
-        stats = {}
-        plan = [("attn", self.l1.stage1_steps if self.l1.dsur else 0, self.stage1_step),
+    def pgd_phases(self) -> list[tuple[str, int, Callable[[], float]]]:
+        """The PGD phases of one epoch as ``(history key, steps, step function)``: stages 1 and 2."""
+        return [("attn", self.l1.stage1_steps if self.l1.dsur else 0, self.stage1_step),
                 ("denoise", self.l1.stage2_steps, self.stage2_step)]
-        for key, steps, step in plan:
+
+    def before_epoch(self) -> dict:
+        """Work before the PGD phases (methods override it); returns history entries."""
+        return {}
+
+    def after_training(self) -> dict:
+        """Work after θd's training steps (methods override it); returns history entries."""
+        return {}
+
+    def run_epoch(self, bar=None) -> dict:
+        """One epoch (Eq. 9): the PGD phases, then stage 3; returns the mean loss of each."""
+        stats = self.before_epoch()
+        for key, steps, step in self.pgd_phases():
             values = []
             for _ in range(steps):
                 values.append(step())
@@ -181,6 +212,7 @@ class ADFTProtector:
                 values.append(self.stage3_step(data))
                 self._tick(bar, "train", values[-1])
             stats["train"] = sum(values) / len(values)
+        stats.update(self.after_training())
         self.epoch += 1
         self.history.append({"epoch": self.epoch, **stats})
         return stats
@@ -192,7 +224,15 @@ class ADFTProtector:
             bar.update(1)
 
     def steps_per_epoch(self) -> int:
-        return (self.l1.stage1_steps if self.l1.dsur else 0) + self.l1.stage2_steps + (self.l1.stage3_steps if self.trainer else 0)
+        pgd = sum(steps for _, steps, _ in self.pgd_phases())
+        return pgd + (self.l1.stage3_steps if self.trainer else 0)
+
+    def extra_state(self) -> dict:
+        """State besides δ1, θd and the generator that a resumed run needs (methods override it)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` saved."""
 
     def state(self, fingerprint: str) -> dict:
         """Everything a resumed run needs to continue exactly where this one is."""
@@ -201,7 +241,7 @@ class ADFTProtector:
         if self.trainer is not None:
             state["unet_d"] = self.unet_d.state_dict()
             state["optimizer"] = self.trainer.optimizer.state_dict()
-        return state
+        return {**state, **self.extra_state()}
 
     def load_state(self, state: dict) -> None:
         self.epoch = state["epoch"]
@@ -211,6 +251,7 @@ class ADFTProtector:
         if self.trainer is not None:
             self.unet_d.load_state_dict(state["unet_d"])
             self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state)
 
 
 def load_checkpoint(run_dir: Path, fingerprint: str, device) -> dict | None:
@@ -227,31 +268,38 @@ def load_checkpoint(run_dir: Path, fingerprint: str, device) -> dict | None:
 def run_layer1(x: torch.Tensor, components: SDComponents, static_unet, cfg: Config, device: torch.device,
                run_dir: Path, fingerprint: str, resume: bool = False, quiet: bool = False,
                stop: StopRequest | None = None) -> Layer1Result:
-    """Optimize δ1 for the images ``x`` ``(N, 3, R, R)``; checkpoints into ``run_dir``.
+    """Optimize δ1 for the images ``x`` ``(N, 3, R, R)`` with DSUR + ADFT; checkpoints into ``run_dir``."""
+    protector = ADFTProtector(x, components, static_unet, cfg, device)
+    return run_protector(protector, cfg, run_dir, fingerprint, resume, quiet, stop)
+
+
+def run_protector(protector: ADFTProtector, cfg: Config, run_dir: Path, fingerprint: str, resume: bool = False,
+                  quiet: bool = False, stop: StopRequest | None = None) -> Layer1Result:
+    """Run ``protector`` for ``layer1.epochs`` epochs, checkpointing every ``checkpoint_every``.
 
     With ``resume`` the run continues from the checkpoint (same result as uninterrupted). When
     ``stop`` is requested (first Ctrl-C) the current epoch finishes, a checkpoint is written and
     :class:`~dladiff.runtime.Interrupted` is raised.
     """
-    protector = ADFTProtector(x, components, static_unet, cfg, device)
+    name = protector.name
     if resume:
-        state = load_checkpoint(run_dir, fingerprint, device)
+        state = load_checkpoint(run_dir, fingerprint, protector.device)
         if state is not None:
             protector.load_state(state)
-            log.info("resuming layer 1 at epoch %d/%d", protector.epoch, cfg.layer1.epochs)
+            log.info("resuming layer 1 (%s) at epoch %d/%d", name, protector.epoch, cfg.layer1.epochs)
     stop = stop or StopRequest()
-    total = cfg.layer1.epochs * protector.steps_per_epoch()
-    bar = progress(total, "layer 1", quiet)
+    epochs = cfg.layer1.epochs
+    bar = progress(epochs * protector.steps_per_epoch(), f"layer 1 ({name})", quiet)
     bar.update(protector.epoch * protector.steps_per_epoch())
     try:
-        while protector.epoch < cfg.layer1.epochs:
+        while protector.epoch < epochs:
             protector.run_epoch(bar)
-            last = protector.epoch == cfg.layer1.epochs
+            last = protector.epoch == epochs
             if last or stop.requested or protector.epoch % cfg.layer1.checkpoint_every == 0:
                 atomic_torch_save(protector.state(fingerprint), Path(run_dir) / CHECKPOINT)
             if stop.requested and not last:
-                raise Interrupted(f"stopped after layer-1 epoch {protector.epoch}/{cfg.layer1.epochs}; "
-                                  f"a checkpoint is in {run_dir}; rerun the same command with --resume to continue")
+                raise Interrupted(f"stopped after layer-1 epoch {protector.epoch}/{epochs} ({name}); a checkpoint "
+                                  f"is in {run_dir}; rerun the same command with --resume to continue")
     finally:
         bar.close()
     return Layer1Result(protector.delta.detach().cpu(), protector.history)

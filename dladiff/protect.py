@@ -98,15 +98,18 @@ def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, 
                   surrogate_dir: Path | None, resume: bool, quiet: bool, stop: StopRequest) -> tuple[list[np.ndarray], dict]:
     """Layer 1 on all photos; returns the perturbed photos (uint8, original sizes) and report info."""
     from dladiff.diffusion.loading import load_sd
-    from dladiff.layer1 import run_fingerprint, run_layer1
+    from dladiff.layer1 import run_fingerprint
+    from dladiff.methods import method_fingerprint, needs_static_surrogate, run_method
     from dladiff.surrogate import load_static_surrogate
 
+    method = cfg.method.name
     hashes = [p.sha256 for p in portraits]
     components = load_sd(cfg.model.id, cfg.model.revision, device)
-    needs_static = cfg.layer1.dsur and cfg.layer1.stage1_steps > 0
+    needs_static = needs_static_surrogate(method, cfg)
     static_folder = _static_surrogate_folder(portraits, components, cfg, surrogate_dir, out_dir, device, quiet) if needs_static else None
     surrogate_id = json.loads((static_folder / "surrogate.json").read_text()) if static_folder else None
-    fingerprint = run_fingerprint(cfg, hashes, json.dumps(surrogate_id, sort_keys=True) if surrogate_id else None)
+    fingerprint = method_fingerprint(run_fingerprint(cfg, hashes, json.dumps(surrogate_id, sort_keys=True) if surrogate_id else None),
+                                     method, cfg)
     result_path = run_dir / LAYER1_RESULT
     saved = torch.load(result_path, weights_only=False) if resume and result_path.is_file() else None
     if saved is not None and saved["fingerprint"] == fingerprint:
@@ -114,13 +117,13 @@ def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, 
     else:
         static_unet = load_static_surrogate(static_folder, device, cfg.runtime.precision) if static_folder else None
         x = model_batch(portraits, cfg.model.resolution)
-        result = run_layer1(x, components, static_unet, cfg, device, run_dir, fingerprint, resume, quiet, stop)
+        result = run_method(method, x, components, static_unet, cfg, device, run_dir, fingerprint, resume, quiet, stop)
         delta, history = result.delta, result.history
         torch.save({"fingerprint": fingerprint, "delta": delta, "history": history}, result_path)
         (run_dir / "layer1.ckpt").unlink(missing_ok=True)
     eps255 = bound_255(cfg.layer1.epsilon)
     outputs = [apply_perturbation(p.pixels, delta[i], eps255) for i, p in enumerate(portraits)]
-    info = {"surrogate": str(static_folder) if static_folder else None, "history": history}
+    info = {"method": method, "surrogate": str(static_folder) if static_folder else None, "history": history}
     return outputs, info
 
 

@@ -157,27 +157,6 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------- expectation over transformations
 
-@dataclass(frozen=True)
-class EOTConfig:
-    """Random transforms applied to x + δ inside PGD (expectation over transformations). Off by default.
-
-    Each transform (JPEG, then resize, then blur) is applied independently with ``probability``,
-    with its parameter drawn uniformly in its range (the same draw for the whole batch).
-    """
-
-    enabled: bool = False
-    probability: float = 0.5  # chance that each transform is applied at a PGD step
-    jpeg_quality: tuple[int, int] = (50, 95)  # JPEG quality range (inclusive)
-    resize_scale: tuple[float, float] = (0.5, 1.0)  # down-scale factor range
-    blur_sigma: tuple[float, float] = (0.0, 1.0)  # pixels, Gaussian std range
-    rounding: Literal["ste", "cubic"] = "ste"  # rounding approximation of the differentiable JPEG
-
-
-def eot_config(cfg) -> EOTConfig:
-    """``cfg.eot`` when the config has that section, else the defaults (EOT off)."""
-    return getattr(cfg, "eot", None) or EOTConfig()
-
-
 def eot_transform(x: torch.Tensor, generator: torch.Generator, cfg: EOTConfig) -> torch.Tensor:
     """One random draw of the EOT composition applied to ``x`` ``(N, 3, H, W)`` in [-1, 1] (differentiable).
 

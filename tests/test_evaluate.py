@@ -12,10 +12,10 @@ import torch
 
 from dladiff.data import save_png
 from dladiff.errors import ConfigError, InputError
-from dladiff.evaluate import layout
+from dladiff import layout
 from dladiff.evaluate.config import (ATTACKS, builtin_evaluate_names, load_evaluate_config,
                                      with_evaluate_overrides)
-from dladiff.evaluate.dataset import ProcessShare
+from dladiff.dataset import ProcessShare
 from dladiff.evaluate.report import CSV_COLUMNS, POOLED, write_comparison
 
 # FID of a handful of images has singular covariances (metrics.fid handles them; scipy still warns).
@@ -357,7 +357,7 @@ def test_shard_assigns_identity_i_to_process_i_mod_n():
 
 
 def test_protect_dataset_skips_done_identities_and_uses_set_a(tmp_path, identity_photos, monkeypatch):
-    import dladiff.evaluate.dataset as dataset
+    import dladiff.dataset as dataset
     import dladiff.protect
     from dladiff.config import load_config
 

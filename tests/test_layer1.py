@@ -51,10 +51,10 @@ def _loss_before_after(protector, loss_fn, step_fn, seed=123):
     idx = torch.arange(protector.x.shape[0])
     protector.generator.manual_seed(seed)
     draw = protector._draw(len(idx))
-    before = float(loss_fn(idx, protector.delta, draw))
+    before = loss_fn(idx, protector.delta, draw).item()
     protector.generator.manual_seed(seed)
     step_fn()
-    after = float(loss_fn(idx, protector.delta, draw))
+    after = loss_fn(idx, protector.delta, draw).item()
     return before, after
 
 

@@ -12,10 +12,10 @@ from dladiff.layer1 import run_layer1
 from dladiff.methods import (METHODS, AntiDiffusionConfig, MethodConfig, method_class, method_fingerprint,
                              needs_static_surrogate, run_method)
 from dladiff.methods.anti_diffusion import semantic_disturbance
-from dladiff.methods.base import run_protector
+from dladiff.layer1 import run_protector
 from dladiff.methods.disdiff import erasure_energy, merit_step_sizes
 from dladiff.methods.mist import target_pattern
-from dladiff.purify import EOTConfig
+from dladiff.config import EOTConfig
 from dladiff.runtime import Interrupted, StopRequest
 
 CPU = torch.device("cpu")

@@ -7,7 +7,8 @@ import torch
 from dladiff.data import psnr, to_tensor
 from dladiff.errors import DladiffError
 from dladiff.pgd import pgd_update
-from dladiff.purify import (EOTConfig, blur_uint8, diff_jpeg, diff_resize, eot_transform, gaussian_blur, jpeg_uint8,
+from dladiff.config import EOTConfig
+from dladiff.purify import (blur_uint8, diff_jpeg, diff_resize, eot_transform, gaussian_blur, jpeg_uint8,
                             parse_purify, quantization_table, resize_uint8)
 
 

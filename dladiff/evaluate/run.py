@@ -27,8 +27,8 @@ from dladiff.evaluate import metrics
 from dladiff.evaluate.attack import AttackContext, AttackResult
 from dladiff.evaluate.cache import file_lock, load_generated, prompt_slug, read_json
 from dladiff.evaluate.config import ZERO_SHOT_ATTACKS, EvaluateConfig, fingerprint
-from dladiff.evaluate.dataset import ProcessShare, process_share
-from dladiff.evaluate.layout import IdentityFolders, dataset_identities, shard, single_identity
+from dladiff.dataset import ProcessShare, process_share
+from dladiff.layout import IdentityFolders, dataset_identities, shard, single_identity
 from dladiff.evaluate.report import contact_sheet, json_safe, pooled_rows, write_results
 from dladiff.evaluate.scoring import (DISABLED, Scorers, clean_pairs, generated_row, load_images, load_scorers, photo_row,
                                       reference_matrix, zero_shot_scores)

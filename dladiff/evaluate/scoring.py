@@ -24,7 +24,7 @@ from dladiff.errors import ModelUnavailableError
 from dladiff.evaluate import metrics
 from dladiff.evaluate.config import EvaluateConfig, ZERO_SHOT_ATTACKS
 from dladiff.evaluate.embedding import FaceEmbedder, load_face_embedder
-from dladiff.evaluate.layout import image_files
+from dladiff.layout import image_files
 
 log = logging.getLogger("dladiff")
 

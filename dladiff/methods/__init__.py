@@ -27,16 +27,15 @@ import torch
 from dladiff.config import Config, config_to_dict
 from dladiff.diffusion.loading import SDComponents
 from dladiff.errors import DladiffError
-from dladiff.layer1 import Layer1Result
+from dladiff.layer1 import Layer1Result, run_protector
 from dladiff.methods.anti_diffusion import AntiDiffusionProtector
 from dladiff.methods.aspl import ASPLProtector
-from dladiff.methods.base import MethodProtector, pgd_budget, run_protector
+from dladiff.methods.base import MethodProtector, pgd_budget
 from dladiff.methods.disdiff import DisDiffProtector
 from dladiff.methods.dsur_adft import DLADiffProtector
 from dladiff.methods.fsmg import FSMGProtector
 from dladiff.methods.mist import MISTProtector
-from dladiff.methods.settings import AntiDiffusionConfig, DisDiffConfig, MethodConfig, MistConfig, method_config
-from dladiff.purify import eot_config
+from dladiff.config import AntiDiffusionConfig, DisDiffConfig, MethodConfig, MistConfig
 from dladiff.runtime import StopRequest
 
 METHODS: dict[str, type[MethodProtector]] = {
@@ -45,7 +44,7 @@ METHODS: dict[str, type[MethodProtector]] = {
 }
 
 __all__ = ["METHODS", "MethodProtector", "MethodConfig", "MistConfig", "AntiDiffusionConfig", "DisDiffConfig",
-           "method_class", "method_config", "method_fingerprint", "needs_static_surrogate", "pgd_budget", "run_method"]
+           "method_class", "method_fingerprint", "needs_static_surrogate", "pgd_budget", "run_method"]
 
 
 def method_class(name: str) -> type[MethodProtector]:
@@ -63,8 +62,8 @@ def needs_static_surrogate(name: str, cfg: Config) -> bool:
 
 def method_fingerprint(fingerprint: str, name: str, cfg: Config) -> str:
     """``fingerprint`` (see :func:`dladiff.layer1.run_fingerprint`) extended by the method, its settings and EOT."""
-    payload = {"layer1": fingerprint, "method": name, "settings": config_to_dict(method_config(cfg)),
-               "eot": config_to_dict(eot_config(cfg))}
+    payload = {"layer1": fingerprint, "method": name, "settings": config_to_dict(cfg.method),
+               "eot": config_to_dict(cfg.eot)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

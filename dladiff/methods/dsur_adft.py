@@ -2,7 +2,7 @@
 
 The engine itself (:class:`~dladiff.layer1.ADFTProtector`) with its own config: n1 PGD steps on L_attn
 (stage 1, when ``layer1.dsur``), n2 on θd's denoising loss (stage 2), n3 steps of θd (stage 3, when
-``layer1.adft``). With EOT off it takes exactly the steps and random draws of ``run_layer1``.
+``layer1.adft``): exactly the steps and random draws of ``run_layer1``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,3 @@ class DLADiffProtector(MethodProtector):
     @classmethod
     def needs_static_surrogate(cls, cfg: Config) -> bool:
         return cfg.layer1.dsur and cfg.layer1.stage1_steps > 0
-
-    def pgd_phases(self):
-        return [("attn", self.l1.stage1_steps if self.l1.dsur else 0, self.stage1_step),
-                ("denoise", self.l1.stage2_steps, self.stage2_step)]

@@ -16,7 +16,7 @@ import torch
 
 from dladiff.config import Config
 from dladiff.errors import DladiffError
-from dladiff.evaluate.layout import identity_names, photos_folder, shard, surrogate_folder
+from dladiff.layout import identity_names, photos_folder, shard, surrogate_folder
 from dladiff.runtime import Interrupted, progress, select_device
 
 log = logging.getLogger("dladiff")
