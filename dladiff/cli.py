@@ -38,9 +38,19 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or info m
 
 
 def _setup_logging(quiet: bool) -> None:
+    """Our messages on stderr; the libraries' own progress bars and chatter off (we show our own)."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="dladiff: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("diffusers", "transformers", "huggingface_hub", "httpx"):
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", module="dladiff")  # our warnings go through the logger already
+    for noisy in ("diffusers", "transformers", "huggingface_hub", "httpx", "py.warnings"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def _fail(exc: Exception) -> None:
@@ -130,7 +140,7 @@ def protect_cmd(
                 problems = _protect_one(photos, out, cfg, chosen, surrogate, resume, quiet, stop)
     except Interrupted as exc:
         typer.echo(f"dladiff: {exc}", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except DladiffError as exc:
         _fail(exc)
     if problems:

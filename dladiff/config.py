@@ -116,6 +116,14 @@ class Layer2Config:
     crop_size: int = 112  # pixels: side of the aligned face (ArcFace template) holding δ2 in the paper's mode
     detect_retries: int = 3  # times a face the detector lost gets its δ2 scaled down
     detect_backoff: float = 0.7  # factor applied to a lost face's δ2 at each retry
+    momentum: float = 0.0  # μ of MI-FGSM (Dong et al. 2018), decay of the accumulated gradient; 0 = plain sign PGD
+    diversity_probability: float = 0.0  # DI-FGSM (Xie et al. 2019): chance per crop and step of a random shrink-and-pad
+    diversity_shrink: float = 1.1  # DI-FGSM: largest ratio of the crop's side to its shrunk side (> 1)
+    ti_kernel: int = 0  # TI-FGSM (Dong et al. 2019): pixels of δ2's grid, side of the Gaussian smoothing the gradient; 0 = off
+    align_samples: int = 1  # jittered alignments per encoder and step, their cosines averaged (alignment diversity)
+    align_templates: tuple[str, ...] = ()  # other pipelines' 5-point templates drawn too: arcface, dlib
+    feature_weight: float = 0.0  # weight of the intermediate-feature cosine next to the embedding's (0 = embedding only)
+    feature_depths: tuple[float, ...] = (0.5,)  # relative depths in (0, 1] of the convolutions whose outputs are compared
 
 
 MethodName = Literal["dladiff", "aspl", "fsmg", "mist", "anti-diffusion", "disdiff"]
@@ -282,6 +290,12 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (cfg.layer2.crop_size >= 32, "layer2.crop_size must be at least 32 pixels"),
         (cfg.layer2.detect_retries >= 0 and 0 < cfg.layer2.detect_backoff < 1, "layer2.detect_retries >= 0 and 0 < layer2.detect_backoff < 1"),
         (all(w >= 0 for w in cfg.layer2.encoders.values()), "layer2.encoders weights must be >= 0"),
+        (cfg.layer2.momentum >= 0, "layer2.momentum must be >= 0"),
+        (0 <= cfg.layer2.diversity_probability <= 1 and cfg.layer2.diversity_shrink > 1, "layer2.diversity_probability must be in [0, 1] and layer2.diversity_shrink > 1"),
+        (cfg.layer2.ti_kernel >= 0, "layer2.ti_kernel must be >= 0 (pixels; 0 = off)"),
+        (cfg.layer2.align_samples >= 1, "layer2.align_samples must be >= 1"),
+        (set(cfg.layer2.align_templates) <= {"arcface", "dlib"}, "layer2.align_templates may only name arcface and dlib"),
+        (cfg.layer2.feature_weight >= 0 and all(0 < d <= 1 for d in cfg.layer2.feature_depths), "layer2.feature_weight must be >= 0 and layer2.feature_depths within (0, 1]"),
         (cfg.method.mist.target_period >= 2, "method.mist.target_period must be >= 2"),
         (cfg.method.anti_diffusion.prompt_steps >= 0, "method.anti_diffusion.prompt_steps must be >= 0"),
         (0 <= cfg.eot.probability <= 1, "eot.probability must be in [0, 1]"),

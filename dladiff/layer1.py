@@ -126,7 +126,7 @@ class ADFTProtector:
         """θs's maps of the clean images for this draw (no grad: the "ideal" fine-tuned attention)."""
         latents = sample_latents(self.vae, self.clean.mean[idx], self.clean.std[idx], draw.latent_noise)
         noisy = self.scheduler.add_noise(latents, draw.noise, draw.timesteps)
-        self.static_unet(noisy.to(self.static_unet.dtype), draw.timesteps, encoder_hidden_states=self.text.expand(len(idx), -1, -1)).sample
+        self.static_unet(noisy.to(self.static_unet.dtype), draw.timesteps, encoder_hidden_states=self.text.expand(len(idx), -1, -1))
 
     def attention_loss_on(self, idx: torch.Tensor, delta: torch.Tensor, draw) -> torch.Tensor:
         """L_attn (Eq. 8) of the chunk ``idx`` with perturbation ``delta`` (differentiable in delta)."""

@@ -12,6 +12,12 @@ template, ``crop_size``²) and is warped back with the inverse alignment; with
 jitters every alignment matrix a little (robustness to landmark shifts). Only pixels inside the
 aligned face's footprint change; the bound holds in the photo because the inverse warp is a
 convex combination of crop pixels, and it is enforced again after quantization.
+
+Switches for transfer to recognizers that are not in the loop (:mod:`dladiff.faces.transfer`,
+measured in docs/transfer.md): momentum (MI-FGSM), input diversity (DI-FGSM), gradient smoothing
+(TI-FGSM), several alignments per step (templates, jitter draws), intermediate-feature losses.
+With an :class:`EOTConfig` enabled, the perturbed face patch goes through a random differentiable
+JPEG / resize / blur (:func:`dladiff.purify.eot_transform`) before the encoders crop it.
 """
 
 from __future__ import annotations
@@ -24,12 +30,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dladiff.config import Config, Layer2Config
+from dladiff.config import Config, EOTConfig, Layer2Config
 from dladiff.data import Portrait
 from dladiff.faces.align import ARCFACE_TEMPLATE_112, alignment_matrix, inverse_warp_to_image, jitter_matrix, warp_to_crop
 from dladiff.faces.detect import Face, FaceDetector, make_detector
-from dladiff.faces.encoders import IdentityEncoder, load_encoder, resolve_encoder_weights
+from dladiff.faces.encoders import IdentityEncoder, load_encoder, named_template, resolve_encoder_weights
+from dladiff.faces.transfer import (
+    FeatureTap,
+    diverse_inputs,
+    feature_similarity,
+    momentum_direction,
+    smooth_gradient,
+    template_variants,
+)
 from dladiff.pgd import pgd_update, project
+from dladiff.purify import eot_transform
 from dladiff.runtime import progress
 
 log = logging.getLogger("dladiff")
@@ -94,7 +109,7 @@ class FaceProblem:
     box: tuple[int, int, int, int]
     patch: torch.Tensor  # (1, 3, h, w) of x1 in [-1, 1]
     master: np.ndarray  # (2, 3) patch → aligned face (crop_size²)
-    perturbed_align: dict[str, np.ndarray]  # per encoder, patch → its crop (landmarks of x1)
+    alignments: dict[str, list[np.ndarray]]  # per encoder, patch → its crop (landmarks of x1): own template first, then variants
     clean_embeddings: dict[str, torch.Tensor]  # per encoder, (D,) of the clean face
 
 
@@ -116,30 +131,46 @@ def embed_face(encoder: IdentityEncoder, image: torch.Tensor, landmarks: np.ndar
     return encoder(crop)[0]
 
 
+def encoder_templates(encoder: IdentityEncoder, others: tuple[str, ...]) -> list[np.ndarray]:
+    """The encoder's own template, then each named template (``arcface``, ``dlib``) fitted onto it."""
+    return template_variants(encoder.template, [named_template(name, encoder.crop_size) for name in others])
+
+
 def build_problem(clean_face: Face, protected_face: Face, x1: torch.Tensor, clean: torch.Tensor,
                   models: Layer2Models, cfg: Layer2Config) -> FaceProblem:
-    """Alignment of the face on x1 for each encoder and the master grid, and clean embeddings."""
+    """Alignments of the face on x1 for each encoder and the master grid, and clean embeddings."""
     height, width = x1.shape[-2:]
     master = alignment_matrix(protected_face.landmarks, master_template(cfg.crop_size))
-    per_encoder = {n: alignment_matrix(protected_face.landmarks, e.template) for n, e in models.encoders.items()}
-    sized = [(master, cfg.crop_size)] + [(per_encoder[n], e.crop_size) for n, e in models.encoders.items()]
+    per_encoder = {n: [alignment_matrix(protected_face.landmarks, t) for t in encoder_templates(e, cfg.align_templates)]
+                   for n, e in models.encoders.items()}
+    sized = [(master, cfg.crop_size)] + [(M, models.encoders[n].crop_size) for n, Ms in per_encoder.items() for M in Ms]
     x0, y0, x1_, y1_ = crop_box(sized, height, width)
     return FaceProblem(
         face_bbox=clean_face.bbox,
         box=(x0, y0, x1_, y1_),
         patch=x1[..., y0:y1_, x0:x1_].clone(),
         master=shift_matrix(master, x0, y0),
-        perturbed_align={n: shift_matrix(M, x0, y0) for n, M in per_encoder.items()},
+        alignments={n: [shift_matrix(M, x0, y0) for M in Ms] for n, Ms in per_encoder.items()},
         clean_embeddings={n: embed_face(e, clean, clean_face.landmarks) for n, e in models.encoders.items()},
     )
 
 
 class IdentityAttack:
-    """PGD on one face (Eqs. 10-11), in the aligned-face grid or the photo's own grid."""
+    """PGD on one face (Eqs. 10-11), in the aligned-face grid or the photo's own grid.
 
-    def __init__(self, problem: FaceProblem, models: Layer2Models, cfg: Layer2Config, rng: np.random.Generator):
+    Per step and encoder k: ``align_samples`` crops of x1 ⊕ δ2 (jittered alignments, templates
+    drawn among ``align_templates`` variants), optionally through EOT (on the patch) and DI (on
+    each crop); the loss is Σ_k w_k [cos_k + λ_f · feature cos_k] / Σ w_k, and δ2 moves along
+    −sign of the gradient after TI smoothing and MI momentum.
+    """
+
+    def __init__(self, problem: FaceProblem, models: Layer2Models, cfg: Layer2Config, rng: np.random.Generator,
+                 eot: EOTConfig | None = None):
         self.problem, self.models, self.cfg, self.rng = problem, models, cfg, rng
+        self.eot = eot if eot is not None and eot.enabled else None
         self.total_weight = sum(models.weights.values()) or 1.0
+        needs_torch_rng = self.eot is not None or cfg.diversity_probability > 0
+        self.generator = torch.Generator().manual_seed(int(rng.integers(2**31))) if needs_torch_rng else None
         patch = problem.patch
         if cfg.full_resolution:
             self.reference = patch
@@ -147,6 +178,7 @@ class IdentityAttack:
         else:
             self.reference = warp_to_crop(patch, torch.as_tensor(problem.master, dtype=torch.float32), cfg.crop_size)
         self.delta = torch.zeros_like(self.reference)
+        self.velocity: torch.Tensor | None = None
 
     def perturbed_patch(self, delta: torch.Tensor) -> torch.Tensor:
         """x1 ⊕ δ2 on the face's patch, clamped to [-1, 1]."""
@@ -156,20 +188,77 @@ class IdentityAttack:
         image_delta, _ = inverse_warp_to_image(delta, self.problem.master, patch.shape[-2:])
         return (patch + image_delta).clamp(-1, 1)
 
-    def similarity(self, delta: torch.Tensor, jitter: bool) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted cosine similarity L_id / Σw (differentiable) and the per-encoder cosines."""
+    def sample_alignments(self, name: str, encoder: IdentityEncoder, jitter: bool) -> torch.Tensor:
+        """(n, 2, 3) patch → crop matrices: n = align_samples draws when optimizing (own template alone otherwise)."""
+        variants = self.problem.alignments[name]
+        if not jitter:
+            return torch.as_tensor(variants[0], dtype=torch.float32)[None]
+        offset = int(self.rng.integers(len(variants))) if len(variants) > 1 else 0
+        cfg = self.cfg
+        matrices = [jitter_matrix(variants[(offset + i) % len(variants)], self.rng, cfg.jitter_translation,
+                                  cfg.jitter_rotation, cfg.jitter_scale, crop_size=encoder.crop_size)
+                    for i in range(cfg.align_samples)]
+        return torch.as_tensor(np.stack(matrices), dtype=torch.float32)
+
+    def encoder_crops(self, perturbed: torch.Tensor, matrices: torch.Tensor, size: int, diverse: bool,
+                      with_reference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Crops (n, 3, size, size) of the perturbed patch and (if asked) the same crops of x1's patch, no grad.
+
+        ``diverse``: apply DI, with the same random shrink-and-pad to a crop and its reference.
+        """
+        n = matrices.shape[0]
+        crops = warp_to_crop(perturbed.expand(n, -1, -1, -1), matrices, size)
+        reference = None
+        if with_reference:
+            with torch.no_grad():
+                reference = warp_to_crop(self.problem.patch.expand(n, -1, -1, -1), matrices, size)
+        if diverse and self.cfg.diversity_probability > 0:
+            stacked = crops if reference is None else torch.cat([crops, reference], dim=1)
+            stacked = diverse_inputs(stacked, self.generator, self.cfg.diversity_probability, self.cfg.diversity_shrink)
+            crops, reference = stacked[:, :3], None if reference is None else stacked[:, 3:].detach()
+        return crops, reference
+
+    def encoder_loss(self, name: str, encoder: IdentityEncoder, perturbed: torch.Tensor, jitter: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding cosine, loss) of one encoder: the loss adds λ_f · feature cosine when optimizing."""
+        with_features = jitter and self.cfg.feature_weight > 0
+        crops, reference = self.encoder_crops(perturbed, self.sample_alignments(name, encoder, jitter),
+                                              encoder.crop_size, diverse=jitter, with_reference=with_features)
+        clean = self.problem.clean_embeddings[name]
+        if not with_features:
+            cos = F.cosine_similarity(encoder(crops), clean[None], dim=1).mean()
+            return cos, cos
+        with FeatureTap(encoder, self.cfg.feature_depths) as tap:
+            with torch.no_grad():
+                encoder(reference)
+                reference_features = tap.collect()
+            cos = F.cosine_similarity(encoder(crops), clean[None], dim=1).mean()
+            features = feature_similarity(tap.collect(), reference_features)
+        return cos, cos + self.cfg.feature_weight * features
+
+    def similarity(self, delta: torch.Tensor, jitter: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(weighted cosine L_id / Σw, the loss to descend, per-encoder cosines); differentiable in δ2.
+
+        ``jitter`` marks an optimization step: random alignments, EOT, DI and feature terms apply.
+        """
         perturbed = self.perturbed_patch(delta)
-        total, parts = 0.0, {}
+        if jitter and self.eot is not None:
+            perturbed = eot_transform(perturbed, self.generator, self.eot)
+        total, loss, parts = 0.0, 0.0, {}
         for name, encoder in self.models.encoders.items():
-            M = self.problem.perturbed_align[name]
-            if jitter:
-                M = jitter_matrix(M, self.rng, self.cfg.jitter_translation, self.cfg.jitter_rotation, self.cfg.jitter_scale,
-                                  crop_size=encoder.crop_size)
-            crop = warp_to_crop(perturbed, torch.as_tensor(M, dtype=torch.float32), encoder.crop_size)
-            cos = F.cosine_similarity(encoder(crop)[0], self.problem.clean_embeddings[name], dim=0)
+            cos, encoder_loss = self.encoder_loss(name, encoder, perturbed, jitter)
             parts[name] = float(cos.detach())
             total = total + self.models.weights[name] * cos
-        return total / self.total_weight, parts
+            loss = loss + self.models.weights[name] * encoder_loss
+        return total / self.total_weight, loss / self.total_weight, parts
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient PGD signs: TI-smoothed, then accumulated with MI momentum when enabled."""
+        grad = smooth_gradient(grad, self.cfg.ti_kernel)
+        if self.cfg.momentum > 0:
+            self.velocity = momentum_direction(self.velocity, grad, self.cfg.momentum)
+            return self.velocity
+        return grad
 
     def run(self) -> tuple[torch.Tensor, int, float]:
         """PGD descent; returns (δ2 on the patch grid in [-1,1] units, steps taken, last similarity)."""
@@ -177,21 +266,24 @@ class IdentityAttack:
         steps, value = 0, float("nan")
         for steps in range(1, self.cfg.steps + 1):
             delta = self.delta.clone().requires_grad_(True)
-            loss, _ = self.similarity(delta, jitter=True)
-            value = float(loss.detach())
+            similarity, loss, _ = self.similarity(delta, jitter=True)
+            value = float(similarity.detach())
             if value < self.cfg.threshold:
                 steps -= 1
                 break
             (grad,) = torch.autograd.grad(loss, delta)
-            self.delta = pgd_update(self.delta, grad, self.reference, alpha, eps, ascent=False)
+            self.delta = pgd_update(self.delta, self.direction(grad), self.reference, alpha, eps, ascent=False)
         with torch.no_grad():
             patch_delta = self.perturbed_patch(self.delta) - self.problem.patch
         return patch_delta, steps, value
 
 
 def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer2Models, cfg: Layer2Config,
-                  seed: int) -> tuple[np.ndarray, list[dict]]:
+                  seed: int, eot: EOTConfig | None = None) -> tuple[np.ndarray, list[dict]]:
     """Layer 2 on every face of one photo; returns the uint8 photo and a report per face.
+
+    ``eot``: when given and enabled, every PGD step sees the perturbed face through a random
+    differentiable JPEG / resize / blur (expectation over transformations).
 
     A face that the perturbation hides from the detector is optimized again with its bound
     scaled by ``detect_backoff`` (at most ``detect_retries`` times): the aim is a face that is
@@ -205,7 +297,7 @@ def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer
     rng = np.random.default_rng(seed)
     problems = [build_problem(face, match_face(face, protected_faces), x1, clean, models, cfg) for face in clean_faces]
     scales = [1.0] * len(problems)
-    runs = [attack_face(problem, models, cfg, 1.0, rng) for problem in problems]
+    runs = [attack_face(problem, models, cfg, 1.0, rng, eot) for problem in problems]
     for attempt in range(cfg.detect_retries + 1):
         out = quantize(x1_pixels, from_unit(x1 + compose_deltas(x1, problems, runs, cfg.epsilon)) - x1_pixels.astype(np.float64),
                        cfg.epsilon * 127.5)
@@ -215,7 +307,7 @@ def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer
             break
         for i in lost:
             scales[i] *= cfg.detect_backoff
-            runs[i] = attack_face(problems[i], models, cfg, scales[i], rng)
+            runs[i] = attack_face(problems[i], models, cfg, scales[i], rng, eot)
     if lost:
         log.warning("%d face(s) no longer detected after %d retries", len(lost), cfg.detect_retries)
     return out, [dict(run.report, bound_scale=scale, **measure_identity(clean_pixels, out, face, found, models))
@@ -230,10 +322,11 @@ class FaceRun:
     report: dict
 
 
-def attack_face(problem: FaceProblem, models: Layer2Models, cfg: Layer2Config, scale: float, rng) -> FaceRun:
+def attack_face(problem: FaceProblem, models: Layer2Models, cfg: Layer2Config, scale: float, rng,
+                eot: EOTConfig | None = None) -> FaceRun:
     """PGD on one face with the bound and step scaled by ``scale``."""
     scaled = dataclasses.replace(cfg, epsilon=cfg.epsilon * scale, step_size=cfg.step_size * scale) if scale != 1.0 else cfg
-    patch_delta, steps, value = IdentityAttack(problem, models, scaled, rng).run()
+    patch_delta, steps, value = IdentityAttack(problem, models, scaled, rng, eot).run()
     box = [round(float(v), 1) for v in problem.face_bbox]
     return FaceRun(patch_delta, {"bbox": box, "steps": steps, "final_similarity": value})
 
@@ -289,7 +382,7 @@ def protect_photos(portraits: list[Portrait], inputs: list[np.ndarray], cfg: Con
     outputs, reports = [], []
     bar = progress(len(portraits), "layer 2 (faces)", quiet)
     for index, (portrait, pixels) in enumerate(zip(portraits, inputs)):
-        out, faces = protect_image(pixels, portrait.pixels, models, cfg.layer2, cfg.runtime.seed + index)
+        out, faces = protect_image(pixels, portrait.pixels, models, cfg.layer2, cfg.runtime.seed + index, cfg.eot)
         if not faces:
             log.warning("%s: no face found; layer 2 left this photo as it was", portrait.name)
         outputs.append(out)

