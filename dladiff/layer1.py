@@ -16,6 +16,7 @@ same result as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -82,12 +83,16 @@ class ADFTProtector:
         self.delta = torch.zeros_like(self.x)
         self.generator = torch.Generator("cpu").manual_seed(cfg.runtime.seed)
         self.text = encode_prompt(components, cfg.prompt.instance, device)
+        components.text_encoder.to("cpu")  # frozen and no longer needed on the GPU: the prompt states are cached
         self.latent_side = cfg.model.resolution // components.vae_scale_factor
         self.latent_shape = (components.unet.config.in_channels, self.latent_side, self.latent_side)
         self.clean = encode_images(self.vae, self.x, self.text, self.l1.batch_size, device, self.precision)
         self.static_store, self.dynamic_store = AttentionStore(enabled=False), AttentionStore(enabled=False)
         if self.l1.dsur and self.l1.stage1_steps:
             self._install_capture(components)
+        if cfg.runtime.gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+            self.unet_d.enable_gradient_checkpointing()
         self.trainer = self._make_trainer() if self.l1.adft and self.l1.stage3_steps else None
         if self.trainer is None:
             self.unet_d.requires_grad_(False)
@@ -128,21 +133,33 @@ class ADFTProtector:
         noisy = self.scheduler.add_noise(latents, draw.noise, draw.timesteps)
         self.static_unet(noisy.to(self.static_unet.dtype), draw.timesteps, encoder_hidden_states=self.text.expand(len(idx), -1, -1))
 
+    @contextlib.contextmanager
+    def capturing(self, *stores: AttentionStore):
+        """Record attention maps into ``stores`` inside the block, then drop them.
+
+        Reentrant (an inner block leaves stores enabled by an outer one alone). PGD steps keep the
+        stores enabled through the backward pass, so that gradient checkpointing recomputes the
+        same (capturing) attention as the forward pass did.
+        """
+        opened = [s for s in stores if not s.enabled]
+        for store in opened:
+            store.enabled = True
+        try:
+            yield
+        finally:
+            for store in opened:
+                store.enabled = False
+                store.clear()
+
     def attention_loss_on(self, idx: torch.Tensor, delta: torch.Tensor, draw) -> torch.Tensor:
         """L_attn (Eq. 8) of the chunk ``idx`` with perturbation ``delta`` (differentiable in delta)."""
         att = self.l1.attention
-        self.static_store.enabled = self.dynamic_store.enabled = True
-        try:
-            with autocast(self.device, self.precision):
-                self._static_maps(idx, draw)
-                latents = self._perturbed_latents(delta, idx, draw.latent_noise)
-                noisy = self.scheduler.add_noise(latents, draw.noise, draw.timesteps)
-                self.unet_d(noisy, draw.timesteps, encoder_hidden_states=self.text.expand(len(idx), -1, -1))
-                return attention_loss(self.static_store, self.dynamic_store, att.cross_weight, att.self_weight)
-        finally:
-            self.static_store.enabled = self.dynamic_store.enabled = False
-            self.static_store.clear()
-            self.dynamic_store.clear()
+        with self.capturing(self.static_store, self.dynamic_store), autocast(self.device, self.precision):
+            self._static_maps(idx, draw)
+            latents = self._perturbed_latents(delta, idx, draw.latent_noise)
+            noisy = self.scheduler.add_noise(latents, draw.noise, draw.timesteps)
+            self.unet_d(noisy, draw.timesteps, encoder_hidden_states=self.text.expand(len(idx), -1, -1))
+            return attention_loss(self.static_store, self.dynamic_store, att.cross_weight, att.self_weight)
 
     def denoising_loss_on(self, idx: torch.Tensor, delta: torch.Tensor, draw) -> torch.Tensor:
         """θd's denoising loss (Eq. 3) of the chunk ``idx`` with perturbation ``delta``."""
@@ -154,21 +171,25 @@ class ADFTProtector:
         """α1 for this draw: a number, or ``(B, 1, 1, 1)`` per image (methods with schedules override it)."""
         return self.l1.step_size
 
-    def _pgd_step(self, loss_fn) -> float:
-        """One PGD ascent step over all images (chunk by chunk); returns the mean loss before it."""
+    def _pgd_step(self, loss_fn, stores: tuple[AttentionStore, ...] = ()) -> float:
+        """One PGD ascent step over all images (chunk by chunk); returns the mean loss before it.
+
+        ``stores``: the attention stores ``loss_fn`` reads, kept capturing through the backward pass.
+        """
         losses = []
         for idx in self._chunks():
             delta = self.delta[idx].clone().requires_grad_(True)
             draw = self._draw(len(idx))
-            loss = loss_fn(idx, delta, draw)
-            (grad,) = torch.autograd.grad(loss, delta)
+            with self.capturing(*stores):
+                loss = loss_fn(idx, delta, draw)
+                (grad,) = torch.autograd.grad(loss, delta)
             self.delta[idx] = pgd_update(self.delta[idx], grad, self.x[idx], self.step_size(draw), self.l1.epsilon, ascent=True)
             losses.append(float(loss.detach()))
         return sum(losses) / len(losses)
 
     def stage1_step(self) -> float:
         """Stage 1: δ1 ← Π(δ1 + α1·sign(∇ L_attn)); returns L_attn before the step."""
-        return self._pgd_step(self.attention_loss_on)
+        return self._pgd_step(self.attention_loss_on, (self.static_store, self.dynamic_store))
 
     def stage2_step(self) -> float:
         """Stage 2: δ1 ← Π(δ1 + α1·sign(∇ L_denoise(θd))); returns the loss before the step."""

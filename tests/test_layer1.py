@@ -124,3 +124,16 @@ def test_ablations_skip_their_stages(tiny_sd, images):
     stats = protector.run_epoch()
     assert "train" not in stats
     assert all(torch.equal(before[k], v) for k, v in protector.unet_d.state_dict().items())
+
+
+def test_gradient_checkpointing_gives_the_same_perturbation(tiny_sd, cfg, images):
+    deltas = []
+    for checkpointing in (False, True):
+        run_cfg = with_overrides(cfg, runtime={"gradient_checkpointing": checkpointing})
+        protector = _protector(tiny_sd, run_cfg, images)
+        for step in (protector.stage1_step, protector.stage2_step):
+            step()
+        protector.stage3_step(protector.perturbed_latent_set())
+        protector.stage2_step()
+        deltas.append(protector.delta)
+    torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=0)

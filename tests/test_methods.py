@@ -188,3 +188,15 @@ def test_semantic_disturbance_grows_with_attention_mass():
     low, high = torch.full((1, 2, 16, 77), 1e-4), torch.full((1, 2, 16, 77), 0.5)
     assert float(semantic_disturbance(_store_with(low), 100.0)) == pytest.approx(1e-4, rel=1e-3)
     assert float(semantic_disturbance(_store_with(high), 100.0)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["dladiff", "disdiff", "anti-diffusion"])
+def test_attention_methods_work_with_gradient_checkpointing(name, tiny_sd, cfg, images):
+    """Maps stay captured through backward, so checkpoint recomputation matches the forward pass."""
+    deltas = []
+    for checkpointing in (False, True):
+        run_cfg = with_overrides(cfg, runtime={"gradient_checkpointing": checkpointing})
+        protector = _protector(name, tiny_sd, run_cfg, images, method=FAST)
+        protector.run_epoch()
+        deltas.append(protector.delta)
+    torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=0)

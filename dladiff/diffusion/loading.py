@@ -100,8 +100,9 @@ def load_unet(folder: str | Path, device: torch.device | str = "cpu", dtype: tor
 def encode_prompt(components: SDComponents, prompt: str, device: torch.device | str) -> torch.Tensor:
     """Text-encoder hidden states ``(1, 77, D)`` of ``prompt`` (computed once: the encoder stays frozen)."""
     tok = components.tokenizer(prompt, padding="max_length", max_length=components.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    encoder_device = next(components.text_encoder.parameters()).device
     with torch.no_grad():
-        return components.text_encoder(tok.input_ids.to(device))[0].float()
+        return components.text_encoder(tok.input_ids.to(encoder_device))[0].float().to(device)
 
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:

@@ -89,7 +89,7 @@ class AntiDiffusionProtector(MethodProtector):
 
     def sdl_step(self) -> float:
         """δ ← Π(δ + α·sign(∇(L_denoise − w·SDL))); returns the loss before the step."""
-        return self._pgd_step(self.sdl_loss_on)
+        return self._pgd_step(self.sdl_loss_on, (self.store,))
 
     def pgd_phases(self):
         return [("sdl", self.l1.stage2_steps, self.sdl_step)]

@@ -10,7 +10,6 @@ it maps onto the engine by rewriting the layer-1 config (:meth:`MethodProtector.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -65,13 +64,3 @@ class MethodProtector(ADFTProtector):
     def needs_static_surrogate(cls, cfg: Config) -> bool:
         """Whether the method reads the static surrogate θs (default: no)."""
         return False
-
-    @contextlib.contextmanager
-    def capturing(self, store: AttentionStore):
-        """Record maps into ``store`` for the duration of the block, then drop them."""
-        store.enabled = True
-        try:
-            yield store
-        finally:
-            store.enabled = False
-            store.clear()

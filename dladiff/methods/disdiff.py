@@ -76,7 +76,7 @@ class DisDiffProtector(MethodProtector):
 
     def cae_step(self) -> float:
         """δ_i ← Π(δ_i + α_i·sign(∇ L)) with the MSS step α_i; returns the loss before the step."""
-        return self._pgd_step(self.cae_loss_on)
+        return self._pgd_step(self.cae_loss_on, (self.store,))
 
     def step_size(self, draw) -> float | torch.Tensor:
         if self.settings.disdiff.step_schedule == "constant":
