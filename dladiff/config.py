@@ -14,15 +14,12 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
 from dladiff.errors import ConfigError
-
-BUILTIN_PACKAGE = "dladiff.configs"
 
 
 @dataclass(frozen=True)
@@ -313,7 +310,7 @@ def builtin_config_dir() -> Path:
     checkout = Path(__file__).resolve().parent.parent / "configs"
     if (checkout / "default.yaml").is_file():
         return checkout
-    return Path(str(resources.files(BUILTIN_PACKAGE)))
+    return Path(__file__).resolve().parent / "configs"  # installed wheel: dladiff/configs/
 
 
 def builtin_config_names() -> list[str]:

@@ -434,3 +434,23 @@ def test_cli_overrides_of_the_evaluation_config():
     assert (cfg.runtime.device, cfg.runtime.seed) == ("cpu", 3)
     with pytest.raises(ConfigError, match="--attacks"):
         evaluate_config_for_cli("smoke", attacks="dreambooth,photomaker")
+
+
+def test_purify_evaluates_each_transform_and_compares(tmp_path, clean_and_protected, smoke_cfg, scorers):
+    from dladiff.evaluate.purified import evaluate_purified, photo_files
+
+    clean, protected = clean_and_protected
+    (protected / "surrogate").mkdir()
+    save_png(np.zeros((8, 8, 3), np.uint8), protected / "surrogate" / "not_a_photo.png")
+    cfg = with_evaluate_overrides(smoke_cfg, attacks=("lora",))
+    out = tmp_path / "eval"
+    outcomes = evaluate_purified(protected, clean, out, cfg, method="noisy", quiet=True,
+                                 purify="jpeg:75,resize:0.5+jpeg:75", scorers=scorers)
+    assert [o.out_dir.name for o in outcomes] == ["none", "jpeg-75", "resize-0.5+jpeg-75"]
+    purified = photo_files(out / "purified" / "jpeg-75")
+    assert [p.name for p in purified] == ["astronaut.png", "mirrored.png"]  # surrogate folder left out
+    table = (out / "results_purify.md").read_text()
+    assert "noisy | jpeg:75" in table and "noisy | resize:0.5+jpeg:75" in table
+    psnr = {o.out_dir.name: next(r for r in read_csv(o.out_dir / "results.csv") if r["attack"] == "photos")["psnr"]
+            for o in outcomes}
+    assert float(psnr["jpeg-75"]) < float(psnr["none"])  # the re-encode moves the photos further from the clean ones

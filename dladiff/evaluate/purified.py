@@ -58,21 +58,21 @@ def folder_name(transform: Transform) -> str:
 
 def evaluate_purified(photos: Path, clean: Path, out: Path, cfg: EvaluateConfig, dataset: bool = False,
                       method: str | None = None, dataset_label: str | None = None, merge_only: bool = False,
-                      quiet: bool = False, purify: str | None = None) -> list[EvaluationOutcome]:
+                      quiet: bool = False, purify: str | None = None, scorers=None) -> list[EvaluationOutcome]:
     """:func:`~dladiff.evaluate.run.evaluate`, once per purification when ``purify`` is given.
 
     Without ``purify`` this is one evaluation into ``out``. With it: ``out/none`` (no transform),
     ``out/<transform>`` for each transform, and ``out/results_purify.md`` comparing them.
     """
     if not purify:
-        return [evaluate(photos, clean, out, cfg, dataset, method, dataset_label, merge_only, quiet)]
+        return [evaluate(photos, clean, out, cfg, dataset, method, dataset_label, merge_only, quiet, scorers)]
     transforms = parse_purify(purify)
     label = method or Path(photos).name
-    outcomes = [evaluate(photos, clean, Path(out) / "none", cfg, dataset, label, dataset_label, merge_only, quiet)]
+    outcomes = [evaluate(photos, clean, Path(out) / "none", cfg, dataset, label, dataset_label, merge_only, quiet, scorers)]
     for transform in transforms:
         name = folder_name(transform)
         purified = purify_tree(photos, Path(out) / "purified" / name, transform)
         outcomes.append(evaluate(purified, clean, Path(out) / name, cfg, dataset, f"{label} | {transform.name}",
-                                 dataset_label, merge_only, quiet))
+                                 dataset_label, merge_only, quiet, scorers))
     write_comparison([o.out_dir for o in outcomes], Path(out) / "results_purify.md")
     return outcomes
