@@ -318,19 +318,22 @@ def builtin_config_names() -> list[str]:
     return sorted(p.stem for p in builtin_config_dir().glob("*.yaml"))
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path that exists, or the name of a built-in config (``smoke`` or ``smoke.yaml``)."""
+def resolve_named_file(name_or_path: str | Path, folder: Path, what: str = "config") -> Path:
+    """A path that exists, or the name of a YAML file in ``folder`` (``smoke`` or ``smoke.yaml``)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
-    candidate = builtin_config_dir() / f"{stem}.yaml"
+    candidate = folder / f"{stem}.yaml"
     if candidate.is_file():
         return candidate
-    raise ConfigError(
-        f"config {name_or_path}: no such file and no built-in config of that name "
-        f"(built-in: {', '.join(builtin_config_names())})"
-    )
+    names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+    raise ConfigError(f"{what} {name_or_path}: no such file and no built-in {what} of that name (built-in: {names})")
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path that exists, or the name of a built-in protection config."""
+    return resolve_named_file(name_or_path, builtin_config_dir())
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -343,7 +346,8 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_config_tree(path: Path, resolve=resolve_config_path, seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping of a YAML config with its ``inherit:`` chain merged in (``resolve`` finds parents by name)."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular inherit")
     try:
@@ -361,14 +365,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: inherit must be a file name")
     parent_path = path.parent / parent
     if not parent_path.is_file():
-        parent_path = resolve_config_path(parent)
-    return _merge(_read_yaml(parent_path, seen + (path.resolve(),)), data)
+        parent_path = resolve(parent)
+    return _merge(read_config_tree(parent_path, resolve, seen + (path.resolve(),)), data)
 
 
 def load_config(name_or_path: str | Path | None = None) -> Config:
     """Load and validate a config file; ``None`` gives the paper defaults (``configs/default.yaml``)."""
     path = resolve_config_path(name_or_path or "default")
-    data = _read_yaml(path)
+    data = read_config_tree(path)
     try:
         cfg = _build(Config, data, "")
     except ConfigError as exc:

@@ -33,6 +33,21 @@ def tiny_sd(_isolated_cache) -> Path:
     return tiny.ensure_tiny_sd()
 
 
+def perturbed_unet(folder: Path, scale: float = 0.05, seed: int = 1):
+    """The tiny UNet plus noise: a static surrogate that differs from the dynamic one (stands in for
+    a DreamBooth-tuned UNet)."""
+    import torch
+
+    from dladiff.diffusion.loading import load_unet
+
+    unet = load_unet(folder)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1))
+    return unet
+
+
 def insightface_image(name: str) -> np.ndarray:
     import insightface
 

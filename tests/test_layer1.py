@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import perturbed_unet
 
 from dladiff.config import load_config, with_overrides
 from dladiff.data import model_batch, Portrait
@@ -23,19 +24,9 @@ def images(real_photos):
     return model_batch(portraits, 64)
 
 
-def _perturbed_static_unet(folder, scale=0.05, seed=1):
-    """A static surrogate that differs from the dynamic one (stands in for a DreamBooth-tuned UNet)."""
-    unet = load_unet(folder)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1))
-    return unet
-
-
 def _protector(tiny_sd, cfg, images, static=None):
     components = load_sd(str(tiny_sd))
-    static = static if static is not None else _perturbed_static_unet(tiny_sd)
+    static = static if static is not None else perturbed_unet(tiny_sd)
     return ADFTProtector(images, components, static, cfg, CPU)
 
 
@@ -99,7 +90,7 @@ def test_bound_and_clamp_hold_after_every_step(tiny_sd, cfg, images):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_sd, cfg, images, tmp_path):
-    static = lambda: _perturbed_static_unet(tiny_sd)  # noqa: E731
+    static = lambda: perturbed_unet(tiny_sd)  # noqa: E731
     full = run_layer1(images, load_sd(str(tiny_sd)), static(), cfg, CPU, tmp_path / "a", "fp", quiet=True)
     stop = StopRequest()
     stop.request()  # as if Ctrl-C came during the first epoch

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from conftest import perturbed_unet
 
 from dladiff.config import load_config, with_overrides
 from dladiff.data import Portrait, model_batch
 from dladiff.diffusion.attention import AttentionStore
-from dladiff.diffusion.loading import load_sd, load_unet
+from dladiff.diffusion.loading import load_sd
 from dladiff.errors import DladiffError
 from dladiff.layer1 import run_layer1
 from dladiff.methods import (METHODS, AntiDiffusionConfig, MethodConfig, method_class, method_fingerprint,
@@ -36,18 +37,8 @@ def images(real_photos):
     return model_batch(portraits, 64)
 
 
-def _static_unet(folder, scale=0.05, seed=1):
-    """Pretrained weights plus noise: a static surrogate that differs from the dynamic one."""
-    unet = load_unet(folder)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1))
-    return unet
-
-
 def _protector(name, tiny_sd, cfg, images, **kwargs):
-    return method_class(name)(images, load_sd(str(tiny_sd)), _static_unet(tiny_sd), cfg, CPU, **kwargs)
+    return method_class(name)(images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, **kwargs)
 
 
 def _assert_within_bound(delta, x, eps):
@@ -57,7 +48,7 @@ def _assert_within_bound(delta, x, eps):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_runs_end_to_end_within_the_bound(name, tiny_sd, cfg, images, tmp_path):
-    result = run_method(name, images, load_sd(str(tiny_sd)), _static_unet(tiny_sd), cfg, CPU, tmp_path, "fp", quiet=True)
+    result = run_method(name, images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, tmp_path, "fp", quiet=True)
     assert [h["epoch"] for h in result.history] == [1, 2]
     _assert_within_bound(result.delta, images, cfg.layer1.epsilon)
     assert result.delta.abs().max() > 0.5 * cfg.layer1.epsilon
@@ -69,9 +60,9 @@ def test_method_runs_end_to_end_within_the_bound(name, tiny_sd, cfg, images, tmp
     ("dladiff", {}),
 ])
 def test_method_equals_the_engine_configured_alike(name, engine_overrides, tiny_sd, cfg, images, tmp_path):
-    ours = run_method(name, images, load_sd(str(tiny_sd)), _static_unet(tiny_sd), cfg, CPU, tmp_path / "m", "fp", quiet=True)
+    ours = run_method(name, images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, tmp_path / "m", "fp", quiet=True)
     engine_cfg = with_overrides(cfg, layer1=engine_overrides) if engine_overrides else cfg
-    engine = run_layer1(images, load_sd(str(tiny_sd)), _static_unet(tiny_sd), engine_cfg, CPU, tmp_path / "e", "fp", quiet=True)
+    engine = run_layer1(images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), engine_cfg, CPU, tmp_path / "e", "fp", quiet=True)
     torch.testing.assert_close(ours.delta, engine.delta, atol=0, rtol=0)
     assert ours.history == engine.history
 

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from dladiff.config import ModelConfig, RuntimeConfig, _build, _merge, builtin_config_dir, config_to_dict
+from dladiff.config import (ModelConfig, RuntimeConfig, _build, _merge, builtin_config_dir, config_to_dict,
+                            read_config_tree, resolve_named_file)
 from dladiff.errors import ConfigError
 
 ATTACKS = ("dreambooth", "lora", "faceid", "instantid")
@@ -194,46 +193,14 @@ def builtin_evaluate_names() -> list[str]:
 
 def resolve_evaluate_path(name_or_path: str | Path) -> Path:
     """An existing file, or the name of a built-in evaluation config (``smoke`` or ``smoke.yaml``)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
-    candidate = builtin_evaluate_dir() / f"{stem}.yaml"
-    if candidate.is_file():
-        return candidate
-    raise ConfigError(
-        f"evaluation config {name_or_path}: no such file and no built-in evaluation config of that name "
-        f"(built-in: {', '.join(builtin_evaluate_names())})"
-    )
-
-
-def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: circular inherit")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    parent = data.pop("inherit", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise ConfigError(f"{path}: inherit must be a file name")
-    parent_path = path.parent / parent
-    if not parent_path.is_file():
-        parent_path = resolve_evaluate_path(parent)
-    return _merge(_read(parent_path, seen + (path.resolve(),)), data)
+    return resolve_named_file(name_or_path, builtin_evaluate_dir(), "evaluation config")
 
 
 def load_evaluate_config(name_or_path: str | Path | None = None) -> EvaluateConfig:
     """Load and validate an evaluation config; ``None`` gives the paper's attacker (``default``)."""
     path = resolve_evaluate_path(name_or_path or "default")
     try:
-        cfg = _build(EvaluateConfig, _read(path), "")
+        cfg = _build(EvaluateConfig, read_config_tree(path, resolve_evaluate_path), "")
     except ConfigError as exc:
         raise ConfigError(f"evaluation config {path}: {exc}") from None
     return validate(cfg, f"evaluation config {path}")
