@@ -116,3 +116,21 @@ def test_help_explains_commands():
     assert result.exit_code == 0 and "protect" in result.output and "finetune-surrogate" in result.output
     result = run("protect", "--help")
     assert "--resume" in result.output and "--layers" in result.output
+
+
+def test_protect_resume_reaches_the_uninterrupted_result(photo_dir, tmp_path):
+    """A run stopped by Ctrl-C (first press: finish the epoch, checkpoint) and resumed saves the same PNGs."""
+    from dladiff.config import load_config, with_overrides
+    from dladiff.protect import protect_folder
+    from dladiff.runtime import Interrupted, StopRequest
+
+    cfg = with_overrides(load_config("smoke"), surrogate={"steps": 2}, layer1={"epochs": 3, "checkpoint_every": 2})
+    protect_folder(photo_dir, tmp_path / "full", cfg, layers=(1,), quiet=True)
+    stop = StopRequest()
+    stop.request()
+    with pytest.raises(Interrupted):
+        protect_folder(photo_dir, tmp_path / "resumed", cfg, layers=(1,), quiet=True, stop=stop)
+    assert (tmp_path / "resumed" / ".dladiff-run" / "layer1.ckpt").is_file()
+    protect_folder(photo_dir, tmp_path / "resumed", cfg, layers=(1,), resume=True, quiet=True)
+    for png in sorted((tmp_path / "full").glob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "resumed" / png.name)))
