@@ -88,17 +88,23 @@ def _parse_layers(text: str) -> tuple[int, ...]:
 
 
 def _parse_encoders(text: Optional[str]) -> Optional[dict]:
-    """``dlib,arcface-r50`` (equal weights) or ``dlib=0.5,arcface-r50=1``."""
+    """``dlib,arcface-r50`` (equal weights), ``dlib=0.5,arcface-r50=1`` or ``onnx:/path/model.json=0.5``.
+
+    The weight is what follows the last ``=`` when it is a number; paths may contain ``=`` but not ``,``.
+    """
     if not text:
         return None
-    weights = {}
-    for part in text.split(","):
-        name, _, weight = part.strip().partition("=")
+    return dict(_split_weight(part.strip()) for part in text.split(",") if part.strip())
+
+
+def _split_weight(part: str) -> tuple[str, float]:
+    name, sep, weight = part.rpartition("=")
+    if sep:
         try:
-            weights[name.strip()] = float(weight) if weight else 1.0
+            return name.strip(), float(weight)
         except ValueError:
-            raise DladiffError(f"--encoders: weight of {name!r} is not a number: {weight!r}") from None
-    return weights
+            pass
+    return part, 1.0
 
 
 @app.command("protect")
@@ -111,7 +117,7 @@ def protect_cmd(
     layers: str = typer.Option("1,2", "--layers", help="Which layers: 1 (anti fine-tuning), 2 (anti zero-shot, needs no diffusion model) or 1,2."),
     method: Optional[str] = typer.Option(None, "--method", help="Layer-1 method: dladiff (default), aspl, fsmg, mist, anti-diffusion, disdiff (same budget; see docs/methods.md)."),
     eot: Optional[bool] = typer.Option(None, "--eot/--no-eot", help="Expectation over transformations (random differentiable JPEG, resize, blur) during PGD in both layers (default: config, off)."),
-    encoders: Optional[str] = typer.Option(None, "--encoders", help="Layer-2 identity encoders, e.g. dlib,arcface-r50 or dlib=0.5,arcface-r100=1 (default: config; empty = ArcFace packs present, else dlib)."),
+    encoders: Optional[str] = typer.Option(None, "--encoders", help="Layer-2 identity encoders with optional weights: dlib, arcface-r50, arcface-r100, or onnx:PATH (an ONNX recognizer with its sidecar, see docs/transfer.md), e.g. dlib=0.5,arcface-r100=1 (default: config; empty = ArcFace packs present, else dlib). Paths must not contain commas."),
     detector: Optional[str] = typer.Option(None, "--detector", help="Layer-2 face detector: auto, dlib, insightface, retinaface."),
     dataset: bool = typer.Option(False, "--dataset", help="PHOTOS is a dataset root (one folder per identity, or the Anti-DreamBooth set_A/set_B/set_C layout): protect every identity into OUT/<identity>, skipping finished ones; shards identities across `accelerate launch` processes."),
     device: Optional[str] = DeviceOpt,

@@ -113,10 +113,10 @@ class Layer2Config:
     crop_size: int = 112  # pixels: side of the aligned face (ArcFace template) holding δ2 in the paper's mode
     detect_retries: int = 3  # times a face the detector lost gets its δ2 scaled down
     detect_backoff: float = 0.7  # factor applied to a lost face's δ2 at each retry
-    momentum: float = 0.0  # μ of MI-FGSM (Dong et al. 2018), decay of the accumulated gradient; 0 = plain sign PGD
-    diversity_probability: float = 0.0  # DI-FGSM (Xie et al. 2019): chance per crop and step of a random shrink-and-pad
-    diversity_shrink: float = 1.1  # DI-FGSM: largest ratio of the crop's side to its shrunk side (> 1)
-    ti_kernel: int = 0  # TI-FGSM (Dong et al. 2019): pixels of δ2's grid, side of the Gaussian smoothing the gradient; 0 = off
+    momentum: float = 1.0  # μ of MI-FGSM (Dong et al. 2018), decay of the accumulated gradient; 0 = plain sign PGD
+    diversity_probability: float = 0.5  # DI-FGSM (Xie et al. 2019): chance per crop and step of a random shrink-and-pad
+    diversity_shrink: float = 1.15  # DI-FGSM: largest ratio of the crop's side to its shrunk side (> 1)
+    ti_kernel: int = 7  # TI-FGSM (Dong et al. 2019): pixels of δ2's grid, side of the Gaussian smoothing the gradient; 0 = off
     align_samples: int = 1  # jittered alignments per encoder and step, their cosines averaged (alignment diversity)
     align_templates: tuple[str, ...] = ()  # other pipelines' 5-point templates drawn too: arcface, dlib
     feature_weight: float = 0.0  # weight of the intermediate-feature cosine next to the embedding's (0 = embedding only)

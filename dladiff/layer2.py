@@ -32,9 +32,20 @@ import torch.nn.functional as F
 
 from dladiff.config import Config, EOTConfig, Layer2Config
 from dladiff.data import Portrait
-from dladiff.faces.align import ARCFACE_TEMPLATE_112, alignment_matrix, inverse_warp_to_image, jitter_matrix, warp_to_crop
+from dladiff.faces.align import (
+    ARCFACE_TEMPLATE_112,
+    alignment_matrix,
+    inverse_warp_to_image,
+    jitter_matrix,
+    warp_to_crop,
+)
 from dladiff.faces.detect import Face, FaceDetector, make_detector
-from dladiff.faces.encoders import IdentityEncoder, load_encoder, named_template, resolve_encoder_weights
+from dladiff.faces.encoders import (
+    IdentityEncoder,
+    load_encoder,
+    named_template,
+    resolve_encoder_weights,
+)
 from dladiff.faces.transfer import (
     FeatureTap,
     diverse_inputs,

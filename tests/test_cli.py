@@ -134,3 +134,12 @@ def test_protect_resume_reaches_the_uninterrupted_result(photo_dir, tmp_path):
     protect_folder(photo_dir, tmp_path / "resumed", cfg, layers=(1,), resume=True, quiet=True)
     for png in sorted((tmp_path / "full").glob("*.png")):
         assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "resumed" / png.name)))
+
+
+def test_encoder_list_parsing():
+    from dladiff.cli import _parse_encoders
+
+    assert _parse_encoders("dlib=0.5,arcface-r50") == {"dlib": 0.5, "arcface-r50": 1.0}
+    assert _parse_encoders("onnx:/m/a=b/rec.json=2,dlib") == {"onnx:/m/a=b/rec.json": 2.0, "dlib": 1.0}
+    assert _parse_encoders("onnx:/m/a=b/rec.json") == {"onnx:/m/a=b/rec.json": 1.0}
+    assert _parse_encoders(None) is None

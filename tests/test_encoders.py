@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -13,12 +15,20 @@ import torch
 from torch import nn
 
 from dladiff.errors import DladiffError, ModelUnavailableError
-from dladiff.faces.align import ARCFACE_TEMPLATE_112, estimate_similarity, jitter_matrix, warp_to_crop
+from dladiff.faces.align import (
+    ARCFACE_TEMPLATE_112,
+    estimate_similarity,
+    jitter_matrix,
+    warp_to_crop,
+)
 from dladiff.faces.encoders import (
     ENCODERS,
-    OnnxArcFaceEncoder,
+    OnnxEncoder,
     available_encoders,
+    insightface_sidecar,
     load_encoder,
+    named_template,
+    read_sidecar,
     resolve_encoder_weights,
 )
 from dladiff.faces.onnx_convert import (
@@ -186,13 +196,13 @@ def test_input_normalization_follows_insightface_rule(tiny_onnx, tmp_path):
 
 
 def test_encoder_feeds_raw_pixels_to_models_that_normalize_inside(tmp_path):
-    encoder = OnnxArcFaceEncoder(mxnet_style_onnx(tmp_path / "m.onnx"), name="mxnet-like")
+    encoder = OnnxEncoder(insightface_sidecar(mxnet_style_onnx(tmp_path / "m.onnx")), name="mxnet-like")
     crops = torch.rand(2, 3, 112, 112) * 2 - 1
     assert torch.allclose(encoder(crops), crops.flatten(1) * 0.99609375, atol=1e-5)
 
 
 def test_onnx_arcface_encoder_wraps_the_tiny_network(tiny_onnx):
-    encoder = OnnxArcFaceEncoder(tiny_onnx["fixed"], name="tiny")
+    encoder = OnnxEncoder(insightface_sidecar(tiny_onnx["fixed"]), name="tiny")
     assert encoder.crop_size == 112 and encoder.threshold_kind == "cosine" and encoder.threshold == 0.3
     np.testing.assert_array_equal(encoder.template, ARCFACE_TEMPLATE_112)
     crops = (torch.rand(3, 3, 112, 112) * 2 - 1).requires_grad_(True)
@@ -209,7 +219,7 @@ def test_onnx_arcface_encoder_wraps_the_tiny_network(tiny_onnx):
 
 
 def test_gradient_reaches_the_photo_through_warp_and_encoder(tiny_onnx):
-    encoder = OnnxArcFaceEncoder(tiny_onnx["dynamic"], name="tiny")
+    encoder = OnnxEncoder(insightface_sidecar(tiny_onnx["dynamic"]), name="tiny")
     photo = torch.rand(1, 3, 200, 240).mul(2).sub(1).requires_grad_(True)
     M = np.array([[0.8, 0.1, -40.0], [-0.1, 0.8, -20.0]])
     encoder(warp_to_crop(photo, M, 112)).norm().backward()
@@ -217,8 +227,79 @@ def test_gradient_reaches_the_photo_through_warp_and_encoder(tiny_onnx):
     assert photo.grad[..., :10, :10].abs().sum() == 0
 
 
+def write_sidecar(folder: Path, model: Path, **fields) -> Path:
+    """A JSON sidecar beside ``model`` (same stem) with the given fields."""
+    sidecar = folder / (model.stem + ".json")
+    sidecar.write_text(json.dumps({"model": os.path.relpath(model, folder), **fields}))
+    return sidecar
+
+
+@pytest.fixture()
+def bgr_unit_onnx(tmp_path) -> tuple[Path, Path]:
+    """The tiny net exported to ONNX with a sidecar: BGR input in [0, 1], dlib's template, 64-D, Euclidean 0.8."""
+    model = export(tiny_iresnet(2), tmp_path / "bgr_unit.onnx", dynamic_batch=True)
+    sidecar = write_sidecar(tmp_path, model, input_size=112, channel_order="BGR", value_range=[0, 1], template="dlib",
+                            embedding_dim=64, threshold=0.8, threshold_kind="euclidean")
+    return model, sidecar
+
+
+def test_sidecar_onnx_encoder_matches_onnxruntime_through_the_cli_path(bgr_unit_onnx):
+    import onnxruntime
+
+    from dladiff.cli import _parse_encoders
+    from dladiff.config import load_config, with_overrides
+    from dladiff.layer2 import prepare_layer2
+
+    model, sidecar = bgr_unit_onnx
+    name = f"onnx:{model}"
+    weights = _parse_encoders(f"{name}=0.5,dlib")
+    assert weights == {name: 0.5, "dlib": 1.0}
+    cfg = with_overrides(load_config(), layer2={"encoders": weights, "detector": "dlib"})
+    encoder = prepare_layer2(cfg.layer2).encoders[name]
+    assert isinstance(encoder, OnnxEncoder) and encoder.name == name
+    assert (encoder.crop_size, encoder.threshold_kind, encoder.threshold) == (112, "euclidean", 0.8)
+    np.testing.assert_allclose(encoder.template, named_template("dlib", 112))
+    crops = torch.rand(3, 3, 112, 112) * 2 - 1
+    net_input = ((crops.flip(1) + 1) / 2).numpy()  # BGR, 0..1
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: net_input})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(encoder(crops).numpy(), expected, atol=1e-4, rtol=1e-4)
+    assert load_encoder(f"onnx:{sidecar}", MODEL_ROOT).template.shape == (5, 2)  # the sidecar itself names it too
+
+
+def test_sidecar_fields_and_their_errors(tmp_path, bgr_unit_onnx):
+    model, _ = bgr_unit_onnx
+    folder = tmp_path / "explicit"
+    folder.mkdir()
+    template = (np.arange(10).reshape(5, 2) * 10.0).tolist()
+    spec = read_sidecar(write_sidecar(folder, model, mean=[1, 2, 3], std=2, template=template))
+    assert spec.mean == (1.0, 2.0, 3.0) and spec.std == (2.0, 2.0, 2.0) and spec.model == model.resolve()
+    assert np.array_equal(spec.template, template) and (spec.threshold_kind, spec.threshold) == ("cosine", 0.3)
+    for fields, message in (({"value_range": [0, 1], "mean": 0}, "not both"), ({"template": [[0, 0]]}, "template"),
+                            ({"channel_order": "RGBA"}, "channel_order"), ({"size": 112}, "unknown sidecar key")):
+        folder = tmp_path / message.replace(" ", "_")
+        folder.mkdir()
+        with pytest.raises(DladiffError, match=message):
+            read_sidecar(write_sidecar(folder, model, **fields))
+    wrong_dim = tmp_path / "dim"
+    wrong_dim.mkdir()
+    with pytest.raises(DladiffError, match="64-D embeddings, its sidecar says 128"):
+        OnnxEncoder(read_sidecar(write_sidecar(wrong_dim, model, embedding_dim=128)), "wrong")
+
+
+def test_onnx_encoder_without_sidecar_or_model_says_what_is_missing(tmp_path, bgr_unit_onnx):
+    lonely = export(tiny_iresnet(0), tmp_path / "lonely.onnx", dynamic_batch=True)
+    with pytest.raises(ModelUnavailableError, match="needs a sidecar file .*lonely.json"):
+        resolve_encoder_weights({f"onnx:{lonely}": 1.0}, MODEL_ROOT)
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("model: gone.onnx\n")
+    with pytest.raises(ModelUnavailableError, match="gone.onnx"):
+        load_encoder(f"onnx:{orphan}", MODEL_ROOT)
+
+
 def test_unknown_encoder_name_lists_the_choices(tmp_path):
-    with pytest.raises(DladiffError, match="dlib, arcface-r50, arcface-r100"):
+    with pytest.raises(DladiffError, match="dlib, arcface-r50, arcface-r100, onnx:PATH"):
         load_encoder("facenet", tmp_path)
     with pytest.raises(DladiffError, match="facenet"):
         resolve_encoder_weights({"facenet": 1.0}, tmp_path)
@@ -241,7 +322,7 @@ def test_default_weights_use_the_packs_present(tiny_onnx, tmp_path):
     assert resolve_encoder_weights({}, tmp_path) == {"arcface-r50": 0.5, "arcface-r100": 0.5}
     assert resolve_encoder_weights({"arcface-r100": 2.0}, tmp_path) == {"arcface-r100": 2.0}
     encoder = load_encoder("arcface-r50", tmp_path)
-    assert isinstance(encoder, OnnxArcFaceEncoder) and encoder.name == "arcface-r50"
+    assert isinstance(encoder, OnnxEncoder) and encoder.name == "arcface-r50"
     assert load_encoder("arcface-r50", tmp_path) is encoder
 
 

@@ -90,11 +90,12 @@ def test_full_resolution_mode_and_reproducibility(real_photos):
 
 def test_jitter_changes_the_gradient_path(real_photos):
     image = real_photos["hanks"]
-    models, exact = _models_and_cfg(steps=3, jitter_translation=0.0, jitter_rotation=0.0, jitter_scale=0.0)
+    models, exact = _models_and_cfg(steps=3, jitter_translation=0.0, jitter_rotation=0.0, jitter_scale=0.0,
+                                    diversity_probability=0.0)
     a, _ = protect_image(image, image, models, exact, seed=0)
     b, _ = protect_image(image, image, models, exact, seed=1)
-    assert np.array_equal(a, b)  # no jitter: the seed plays no part
-    _, jittered = _models_and_cfg(steps=3, jitter_translation=2.0)
+    assert np.array_equal(a, b)  # no jitter, no input diversity: the seed plays no part
+    _, jittered = _models_and_cfg(steps=3, jitter_translation=2.0, diversity_probability=0.0)
     c, _ = protect_image(image, image, models, jittered, seed=0)
     assert not np.array_equal(a, c)
 
@@ -110,3 +111,15 @@ def test_missing_encoder_is_an_error_before_any_work(photo_dir, tmp_path):
 def test_models_bundle_is_reusable():
     models, _ = _models_and_cfg()
     assert isinstance(models, Layer2Models) and set(models.weights) == {"dlib"}
+
+
+def test_eot_option_reaches_the_photo_and_keeps_the_bound(real_photos):
+    from dladiff.config import EOTConfig
+
+    image = real_photos["hanks"]
+    models, cfg = _models_and_cfg(steps=2)
+    plain, _ = protect_image(image, image, models, cfg, seed=0)
+    eot = EOTConfig(enabled=True, probability=1.0, jpeg_quality=(60, 60), resize_scale=(0.7, 0.7), blur_sigma=(0.5, 0.5))
+    through, faces = protect_image(image, image, models, cfg, seed=0, eot=eot)
+    assert len(faces) == 1 and not np.array_equal(plain, through)
+    assert np.abs(through.astype(int) - image.astype(int)).max() <= np.floor(cfg.epsilon * 127.5 + 1e-6)

@@ -70,9 +70,10 @@ def test_feature_tap_records_conv_outputs_at_relative_depths():
 
 @pytest.fixture(scope="module")
 def hanks_problem(real_photos):
-    """Tom Hanks' aligned portrait with the dlib encoder: a face problem and the models."""
+    """Tom Hanks' aligned portrait with the dlib encoder and plain PGD (no jitter, no technique): a face problem."""
     cfg = with_overrides(load_config(), layer2={"encoders": {"dlib": 1.0}, "detector": "dlib", "steps": 3,
-                                                "jitter_translation": 0.0, "jitter_rotation": 0.0, "jitter_scale": 0.0})
+                                                "jitter_translation": 0.0, "jitter_rotation": 0.0, "jitter_scale": 0.0,
+                                                "momentum": 0.0, "diversity_probability": 0.0, "ti_kernel": 0})
     models = prepare_layer2(cfg.layer2)
     image = real_photos["hanks"]
     face = models.detector.detect(image)[0]

@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from dladiff.errors import DladiffError, ModelUnavailableError
 from dladiff.faces.align import ARCFACE_TEMPLATE_112
 from dladiff.faces.detect import expected_pack_path, pack_file
-from dladiff.faces.onnx_convert import freeze, load_onnx_model, onnx_input_normalization, onnx_to_torch
+from dladiff.faces.onnx_convert import (
+    freeze,
+    load_onnx_model,
+    onnx_input_normalization,
+    onnx_to_torch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     "arcface-r100": EncoderSpec("arcface-r100", "arcface", "antelopev2", "glintr100.onnx"),
 }
 
-_LOADED: dict[tuple[str, str], "IdentityEncoder"] = {}
+_LOADED: dict[tuple[str, str], IdentityEncoder] = {}
 
 
 class IdentityEncoder(torch.nn.Module):
@@ -94,7 +99,11 @@ class DlibEncoder(IdentityEncoder):
 
     def __init__(self, path: str | Path | None = None):
         super().__init__()
-        from dladiff.faces.dlib_resnet import DLIB_VERIFICATION_THRESHOLD, dlib_chip_template, load_dlib_resnet
+        from dladiff.faces.dlib_resnet import (
+            DLIB_VERIFICATION_THRESHOLD,
+            dlib_chip_template,
+            load_dlib_resnet,
+        )
 
         self.name = "dlib"
         self.crop_size = 150

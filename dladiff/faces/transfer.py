@@ -18,6 +18,7 @@ Tensors are ``(N, C, H, W)`` in [-1, 1] pixel units unless said otherwise.
 from __future__ import annotations
 
 import math
+from typing import Self
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ def diverse_inputs(crops: torch.Tensor, generator: torch.Generator, probability:
         if draws[0] >= probability:
             out.append(crop)
             continue
-        side = int(round(size / max_shrink + draws[1] * (size - size / max_shrink)))
+        side = round(size / max_shrink + draws[1] * (size - size / max_shrink))
         side = min(max(side, 1), size)
         small = F.interpolate(crop[None], size=(side, side), mode="bilinear", align_corners=False, antialias=False)[0]
         slack = size - side
@@ -117,7 +118,7 @@ class FeatureTap:
         self._slots: dict[int, torch.Tensor] = {}
         self._handles = []
 
-    def __enter__(self) -> "FeatureTap":
+    def __enter__(self) -> Self:
         def hook(index):
             def record(_module, _inputs, output):
                 self._slots[index] = output
