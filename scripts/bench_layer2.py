@@ -61,12 +61,15 @@ def main() -> None:
     cfg = with_overrides(cfg, **overrides) if overrides else cfg
     models = prepare_layer2(cfg.layer2)
     judge = DlibReference()
-    rows, png_d, jpg_d, seconds, faces_total = [], [], [], 0.0, 0
+    rows, png_d, jpg_d, seconds, faces_total, ism = [], [], [], 0.0, 0, {}
     for name, clean in real_photos().items():
         start = time.perf_counter()
         protected, faces = protect_image(clean, clean, models, cfg.layer2, cfg.runtime.seed)
         seconds += time.perf_counter() - start
         faces_total += len(faces)
+        for face in faces:
+            for encoder, entry in face["encoders"].items():
+                ism.setdefault(encoder, []).append(entry["ism_pro"])
         d_png = judge.distances(clean, protected)
         d_jpg = judge.distances(clean, jpeg(protected, args.jpeg))
         png_d += d_png
@@ -86,6 +89,7 @@ def main() -> None:
         "still_detected_png": sum(d is not None for d in png_d) / max(len(png_d), 1),
         "mean_distance_png": float(np.mean([d for d in png_d if d is not None])),
         "seconds_per_face": seconds / max(faces_total, 1),
+        "mean_ism_pro": {encoder: float(np.mean(values)) for encoder, values in ism.items()},
         "photos": rows,
     }
     print(json.dumps(result, indent=1, default=str))
