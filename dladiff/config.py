@@ -400,6 +400,18 @@ def config_to_dict(cfg: Any) -> dict:
     return convert(dataclasses.asdict(cfg))
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["layer2.epsilon=0.05", ...]`` (values read as YAML) → ``{"layer2": {"epsilon": 0.05}}``."""
+    overrides: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"override {item!r}: write section.key=value, e.g. layer2.epsilon=0.05")
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    return overrides
+
+
 def with_overrides(cfg: Config, **sections: dict) -> Config:
     """Return ``cfg`` with some keys of some sections replaced, e.g. ``model={"id": "..."}``."""
     data = config_to_dict(cfg)

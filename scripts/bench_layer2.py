@@ -11,16 +11,15 @@ seconds per face and the measured L∞ bound, as JSON.
 """
 
 import argparse
-import io
 import json
 import time
 
 import numpy as np
-import yaml
 from PIL import Image
 
-from dladiff.config import load_config, with_overrides
+from dladiff.config import load_config, parse_overrides, with_overrides
 from dladiff.data import linf_255, psnr
+from dladiff.purify import jpeg_uint8
 from dladiff.faces.dlib_reference import DlibReference
 from dladiff.layer2 import prepare_layer2, protect_image
 
@@ -35,19 +34,8 @@ def real_photos() -> dict[str, np.ndarray]:
     return {"t1": np.asarray(Image.open(t1).convert("RGB")), "astronaut": data.astronaut()}
 
 
-def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    return np.asarray(Image.open(buffer).convert("RGB"))
 
 
-def parse_sets(items: list[str]) -> dict:
-    overrides: dict = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
-    return overrides
 
 
 def main() -> None:
@@ -57,7 +45,7 @@ def main() -> None:
     parser.add_argument("--jpeg", type=int, default=75, help="JPEG quality of the re-encode check")
     args = parser.parse_args()
     cfg = load_config(args.config)
-    overrides = parse_sets(args.set)
+    overrides = parse_overrides(args.set)
     cfg = with_overrides(cfg, **overrides) if overrides else cfg
     models = prepare_layer2(cfg.layer2)
     judge = DlibReference()
@@ -71,7 +59,7 @@ def main() -> None:
             for encoder, entry in face["encoders"].items():
                 ism.setdefault(encoder, []).append(entry["ism_pro"])
         d_png = judge.distances(clean, protected)
-        d_jpg = judge.distances(clean, jpeg(protected, args.jpeg))
+        d_jpg = judge.distances(clean, jpeg_uint8(protected, args.jpeg))
         png_d += d_png
         jpg_d += d_jpg
         rows.append({"photo": name, "faces_protected": len(faces), "psnr_db": round(psnr(protected, clean), 2),

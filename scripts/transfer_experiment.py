@@ -25,18 +25,17 @@ a Markdown table row.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
-from dladiff.config import load_config, with_overrides
+from dladiff.config import load_config, parse_overrides, with_overrides
 from dladiff.data import linf_255, psnr
+from dladiff.purify import jpeg_uint8
 from dladiff.faces.dlib_reference import DlibReference
 from dladiff.faces.encoders import load_encoder
 from dladiff.layer2 import Layer2Models, measure_identity, prepare_layer2, protect_image
@@ -83,14 +82,6 @@ def write_mobileface_sidecar(onnx_path: Path, folder: Path) -> str:
     return f"onnx:{sidecar}"
 
 
-def parse_sets(items: list[str]) -> dict:
-    """``section.key=value`` strings (YAML values) → nested overrides."""
-    overrides: dict = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
-    return overrides
 
 
 def face_box_psnr(clean: np.ndarray, protected: np.ndarray, boxes: list[list[float]]) -> float:
@@ -101,11 +92,6 @@ def face_box_psnr(clean: np.ndarray, protected: np.ndarray, boxes: list[list[flo
     return psnr(protected[mask], clean[mask])
 
 
-def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    """JPEG re-encode (PIL, 4:2:0) and decode of an RGB uint8 image."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    return np.asarray(Image.open(buffer).convert("RGB"))
 
 
 def dlib_cosines(reference: DlibReference, clean: np.ndarray, protected: np.ndarray, max_shift: float = 40.0
@@ -166,7 +152,7 @@ def run_case(technique: str, optimizers: list[str], judge: str, cfg, photos, ref
         seconds += time.perf_counter() - start
         count += len(faces)
         white += [np.mean([f["encoders"][name]["ism_pro"] for name in optimizers]) for f in faces]
-        for view, seen in zip(views, [protected] + [jpeg(protected, q) for q in qualities]):
+        for view, seen in zip(views, [protected] + [jpeg_uint8(protected, q) for q in qualities]):
             judged[view] += judge_faces(judge, clean, seen, faces, models.detector, judge_models, reference)
             if judge == "dlib":
                 ism[view] += dlib_cosines(reference, clean, seen)
@@ -232,7 +218,7 @@ def main() -> None:
     if len(recognizers) < 2 and not args.self_judge:
         parser.error("leave-one-out needs a second recognizer: --mobileface ONNX or --recognizer onnx:PATH")
     base = load_config(args.config)
-    overrides = parse_sets(args.set)
+    overrides = parse_overrides(args.set)
     base = with_overrides(base, **overrides) if overrides else base
     photos, reference = real_photos(), DlibReference()
     args.out.mkdir(parents=True, exist_ok=True)

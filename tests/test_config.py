@@ -65,3 +65,12 @@ def test_overrides_validate():
     assert config_to_dict(cfg)["layer1"]["attention"]["resolutions"] == [4, 8]
     with pytest.raises(ConfigError):
         with_overrides(cfg, layer1={"epsilon": "big"})
+
+
+def test_parse_overrides_reads_yaml_values():
+    from dladiff.config import parse_overrides
+
+    assert parse_overrides(["layer2.epsilon=0.05", "layer2.full_resolution=true", "model.id=x"]) == {
+        "layer2": {"epsilon": 0.05, "full_resolution": True}, "model": {"id": "x"}}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["epsilon=0.1"])
