@@ -30,7 +30,7 @@ app = typer.Typer(
     ),
 )
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file, or a built-in name (default, smoke, ablation_no_dsur, ablation_no_adft). Default: the paper's settings.")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file, or a built-in name (default, smoke, ablation_no_dsur, ablation_no_adft, method_*, eot; `dladiff configs` lists them). Default: the paper's settings.")
 ModelOpt = typer.Option(None, "--model", "-m", help="Stable Diffusion hub id or local diffusers folder (overrides model.id; default stabilityai/stable-diffusion-2-1-base).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (overrides runtime.seed); same seed, same result.")
