@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 from scipy import linalg
 
+from dladiff import data
 from dladiff.errors import InputError, ModelUnavailableError
 
 if TYPE_CHECKING:
@@ -311,8 +312,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     ``10 log10(255² / MSE)`` with the MSE over all pixels and channels. Higher = closer.
     """
     check_same_shape(a, b)
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)
+    return data.psnr(a, b)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
