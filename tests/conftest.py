@@ -48,11 +48,19 @@ def perturbed_unet(folder: Path, scale: float = 0.05, seed: int = 1):
     return unet
 
 
-def insightface_image(name: str) -> np.ndarray:
+def insightface_images_dir() -> Path:
+    """The real face photos shipped in insightface's wheel (t1.jpg, Tom_Hanks_54745.png)."""
     import insightface
 
-    path = Path(insightface.__file__).parent / "data" / "images" / name
-    return np.asarray(Image.open(path).convert("RGB"))
+    return Path(insightface.__file__).parent / "data" / "images"
+
+
+INSIGHTFACE_MODEL_ROOT = Path("~/.insightface/models").expanduser()
+"""Where insightface packs live on a user's machine (absent here: tests using them skip)."""
+
+
+def insightface_image(name: str) -> np.ndarray:
+    return np.asarray(Image.open(insightface_images_dir() / name).convert("RGB"))
 
 
 @pytest.fixture(scope="session")

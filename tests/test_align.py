@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import insightface_images_dir
 import torch
 
 from dladiff.faces.align import (
@@ -19,8 +20,7 @@ from dladiff.faces.align import (
     warp_to_crop,
 )
 
-insightface = pytest.importorskip("insightface")
-IMAGES = Path(insightface.__file__).parent / "data" / "images"
+IMAGES = insightface_images_dir()
 
 
 def load_rgb(path: Path) -> np.ndarray:

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import INSIGHTFACE_MODEL_ROOT, insightface_images_dir
 
 from dladiff.errors import DladiffError, InputError, ModelUnavailableError
 from dladiff.faces.detect import (
@@ -21,9 +22,8 @@ from dladiff.faces.detect import (
     pack_file,
 )
 
-insightface = pytest.importorskip("insightface")
-IMAGES = Path(insightface.__file__).parent / "data" / "images"
-MODEL_ROOT = Path("~/.insightface/models").expanduser()
+IMAGES = insightface_images_dir()
+MODEL_ROOT = INSIGHTFACE_MODEL_ROOT
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import INSIGHTFACE_MODEL_ROOT, insightface_images_dir
 import torch
 from torch import nn
 
@@ -40,9 +41,8 @@ from dladiff.faces.onnx_convert import (
     onnx_to_torch,
 )
 
-insightface = pytest.importorskip("insightface")
-IMAGES = Path(insightface.__file__).parent / "data" / "images"
-MODEL_ROOT = Path("~/.insightface/models").expanduser()
+IMAGES = insightface_images_dir()
+MODEL_ROOT = INSIGHTFACE_MODEL_ROOT
 
 
 class ResidualBlock(nn.Module):

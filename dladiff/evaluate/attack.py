@@ -52,3 +52,19 @@ class AttackResult:
 def photo_hashes(photos: list[Portrait]) -> dict[str, str]:
     """What the attacker was given: file name -> SHA-256."""
     return {p.name: p.sha256 for p in photos}
+
+
+def zero_shot_settings(name: str, ctx: AttackContext) -> dict:
+    """Everything that determines a zero-shot attack's images (FaceID, InstantID)."""
+    cfg = ctx.cfg
+    return {"attack": name, "section": getattr(cfg, name), "images_per_prompt": cfg.generation.images_per_prompt,
+            "seed": cfg.generation.seed, "scheduler": cfg.generation.scheduler, "precision": cfg.runtime.precision,
+            "model_root": cfg.metrics.model_root, "photos": photo_hashes(ctx.photos)}
+
+
+def zero_shot_embedder(name: str, ctx: AttackContext):
+    """The detector + identity encoder a zero-shot adapter reads faces with (its config section names them)."""
+    from dladiff.evaluate.embedding import load_face_embedder
+
+    section = getattr(ctx.cfg, name)
+    return load_face_embedder(section.detector, section.encoder, ctx.cfg.metrics.model_root, ctx.cfg.metrics.det_size)

@@ -84,16 +84,15 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
-class FaceIdConfig:
-    """IP-Adapter FaceID on SD-1.5 (paper §5.4, Table 4): buffalo_l normed embedding of a protected photo."""
+class ZeroShotConfig:
+    """What every zero-shot identity adapter attack has: base model, adapter weights, face reader, sampling."""
 
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    adapter: str = "h94/IP-Adapter-FaceID"
-    weight_name: str = "ip-adapter-faceid_sd15.bin"
-    scale: float = 1.0
+    base_model: str = ""
+    adapter: str = ""
+    weight_name: str = ""
     detector: str = "insightface"
     encoder: str = "arcface-r50"
-    resolution: int = 512
+    resolution: int = 512  # pixels
     prompts: tuple[str, ...] = ("a photo of a person", "a dslr portrait of a person")
     negative_prompt: str = "monochrome, lowres, bad anatomy, worst quality, low quality"
     inference_steps: int = 30
@@ -101,22 +100,28 @@ class FaceIdConfig:
 
 
 @dataclass(frozen=True)
-class InstantIdConfig:
+class FaceIdConfig(ZeroShotConfig):
+    """IP-Adapter FaceID on SD-1.5 (paper §5.4, Table 4): buffalo_l normed embedding of a protected photo."""
+
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    adapter: str = "h94/IP-Adapter-FaceID"
+    weight_name: str = "ip-adapter-faceid_sd15.bin"
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class InstantIdConfig(ZeroShotConfig):
     """InstantID on SDXL (paper §5.4, Table 4): antelopev2 raw embedding and five keypoints."""
 
     base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     adapter: str = "InstantX/InstantID"
     weight_name: str = "ip-adapter.bin"
+    encoder: str = "arcface-r100"
+    resolution: int = 1024  # pixels
+    guidance_scale: float = 5.0
     controlnet_folder: str = "ControlNetModel"
     ip_adapter_scale: float = 0.8
     controlnet_scale: float = 0.8
-    detector: str = "insightface"
-    encoder: str = "arcface-r100"
-    resolution: int = 1024
-    prompts: tuple[str, ...] = ("a photo of a person", "a dslr portrait of a person")
-    negative_prompt: str = "monochrome, lowres, bad anatomy, worst quality, low quality"
-    inference_steps: int = 30
-    guidance_scale: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -15,23 +15,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dladiff.evaluate.attack import AttackContext, AttackResult, photo_hashes
+from dladiff.evaluate.attack import AttackContext, AttackResult, zero_shot_embedder, zero_shot_settings
 from dladiff.evaluate.cache import finish_attack, is_done, start_attack
 from dladiff.evaluate.config import fingerprint, plain_settings
-from dladiff.evaluate.embedding import FaceEmbedder, load_face_embedder, unit
+from dladiff.evaluate.embedding import FaceEmbedder, unit
 from dladiff.evaluate.generation import build_sd_pipeline, generate_to_folder, text_to_image_sampler
 from dladiff.evaluate.weights import adapter_file
 from dladiff.runtime import frozen_dtype
 
 TINY_FACEID_ID = "builtin:tiny-faceid"
 FACEID_TOKENS = 4
-
-
-def attack_settings(ctx: AttackContext) -> dict:
-    cfg = ctx.cfg
-    return {"attack": "faceid", "section": cfg.faceid, "images_per_prompt": cfg.generation.images_per_prompt,
-            "seed": cfg.generation.seed, "scheduler": cfg.generation.scheduler, "precision": cfg.runtime.precision,
-            "model_root": cfg.metrics.model_root, "photos": photo_hashes(ctx.photos)}
 
 
 def reference_embeddings(ctx: AttackContext, embedder: FaceEmbedder) -> tuple[list[np.ndarray], list[str], list[str]]:
@@ -102,12 +95,12 @@ def id_embeds(embedding: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor
 def run(ctx: AttackContext) -> AttackResult:
     """FaceID: every prompt sampled ``images_per_prompt`` times from the protected photos' embeddings."""
     section, gen = ctx.cfg.faceid, ctx.cfg.generation
-    settings = attack_settings(ctx)
+    settings = zero_shot_settings("faceid", ctx)
     key = fingerprint(settings)
     prompts = {p: ctx.prompt_dir(p) for p in section.prompts}
     if is_done(ctx.attack_dir, key):
         return AttackResult("faceid", "cached", prompts, fingerprint=key)
-    embedder = load_face_embedder(section.detector, section.encoder, ctx.cfg.metrics.model_root, ctx.cfg.metrics.det_size)
+    embedder = zero_shot_embedder("faceid", ctx)
     embeddings, used, no_face = reference_embeddings(ctx, embedder)
     info = {"reference_photos": used, "photos_without_face": no_face}
     if not embeddings:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel
 
-from dladiff.evaluate.attack import AttackContext, AttackResult, photo_hashes
+from dladiff.evaluate.attack import AttackContext, AttackResult, zero_shot_embedder, zero_shot_settings
 from dladiff.evaluate.cache import finish_attack, is_done, start_attack
 from dladiff.evaluate.config import fingerprint, plain_settings
-from dladiff.evaluate.embedding import FaceEmbedder, load_face_embedder
+from dladiff.evaluate.embedding import FaceEmbedder
 from dladiff.evaluate.generation import generate_to_folder, make_scheduler, text_to_image_sampler
 from dladiff.evaluate.weights import adapter_file, adapter_folder, local_model_folder
 from dladiff.runtime import frozen_dtype
@@ -113,13 +113,6 @@ def face_tokens(unet, embeds: torch.Tensor) -> torch.Tensor:
         return projection(embeds[:, 0])
 
 
-def attack_settings(ctx: AttackContext) -> dict:
-    cfg = ctx.cfg
-    return {"attack": "instantid", "section": cfg.instantid, "images_per_prompt": cfg.generation.images_per_prompt,
-            "seed": cfg.generation.seed, "scheduler": cfg.generation.scheduler, "precision": cfg.runtime.precision,
-            "model_root": cfg.metrics.model_root, "photos": photo_hashes(ctx.photos)}
-
-
 def references(ctx: AttackContext, embedder: FaceEmbedder) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str], list[str]]:
     """(raw embedding, keypoint image) of each photo with a face, their names, and those without."""
     refs, used, no_face = [], [], []
@@ -140,17 +133,17 @@ def run(ctx: AttackContext) -> AttackResult:
     from PIL import Image
 
     section, gen = ctx.cfg.instantid, ctx.cfg.generation
-    settings = attack_settings(ctx)
+    settings = zero_shot_settings("instantid", ctx)
     key = fingerprint(settings)
     prompts = {p: ctx.prompt_dir(p) for p in section.prompts}
     if is_done(ctx.attack_dir, key):
         return AttackResult("instantid", "cached", prompts, fingerprint=key)
-    pipe = load_instantid_pipeline(ctx)
-    embedder = load_face_embedder(section.detector, section.encoder, ctx.cfg.metrics.model_root, ctx.cfg.metrics.det_size)
+    embedder = zero_shot_embedder("instantid", ctx)
     refs, used, no_face = references(ctx, embedder)
     info = {"reference_photos": used, "photos_without_face": no_face}
     if not refs:
         return AttackResult("instantid", "skipped", {}, f"no face found by {embedder.name} in any attacked photo", info)
+    pipe = load_instantid_pipeline(ctx)
     start_attack(ctx.attack_dir, key, plain_settings(settings))
     guidance = section.guidance_scale > 1.0
     for prompt in section.prompts:
