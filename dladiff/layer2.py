@@ -321,8 +321,9 @@ def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer
             runs[i] = attack_face(problems[i], models, cfg, scales[i], rng, eot)
     if lost:
         log.warning("%d face(s) no longer detected after %d retries", len(lost), cfg.detect_retries)
-    return out, [dict(run.report, bound_scale=scale, **measure_identity(clean_pixels, out, face, found, models))
-                 for run, face, scale in zip(runs, clean_faces, scales)]
+    return out, [dict(run.report, bound_scale=scale,
+                      **measure_identity(clean_pixels, out, face, found, models, problem.clean_embeddings))
+                 for run, face, scale, problem in zip(runs, clean_faces, scales, problems)]
 
 
 @dataclass
@@ -361,17 +362,22 @@ def quantize(base: np.ndarray, delta_255: np.ndarray, bound_255: float) -> np.nd
 
 
 def measure_identity(clean_pixels: np.ndarray, protected_pixels: np.ndarray, clean_face: Face,
-                     candidates: list[Face], models: Layer2Models) -> dict:
+                     candidates: list[Face], models: Layer2Models,
+                     clean_embeddings: dict[str, torch.Tensor] | None = None) -> dict:
     """ISM_pro per encoder (paper Table 4) on the final pixels, the face re-detected as an attacker would.
 
-    ``candidates``: faces detected on ``protected_pixels``. Returns ``{"redetected": bool,
-    "encoders": {name: {"ism_pro": cos, "same_person": bool, ...}}}``.
+    ``candidates``: faces detected on ``protected_pixels``; ``clean_embeddings``: the clean face's
+    embeddings when already computed. Returns ``{"redetected": bool, "encoders": {name:
+    {"ism_pro": cos, "same_person": bool, ...}}}``.
     """
     protected_face = match_face(clean_face, candidates)
-    clean, protected = to_unit(clean_pixels), to_unit(protected_pixels)
+    protected = to_unit(protected_pixels)
+    if clean_embeddings is None:
+        clean = to_unit(clean_pixels)
+        clean_embeddings = {n: embed_face(e, clean, clean_face.landmarks) for n, e in models.encoders.items()}
     result = {}
     for name, encoder in models.encoders.items():
-        a = embed_face(encoder, clean, clean_face.landmarks)
+        a = clean_embeddings[name]
         b = embed_face(encoder, protected, protected_face.landmarks)
         entry = {"ism_pro": round(float(F.cosine_similarity(a, b, dim=0)), 4),
                  "same_person": bool(encoder.same_person(a, b)),
