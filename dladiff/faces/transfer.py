@@ -18,7 +18,6 @@ Tensors are ``(N, C, H, W)`` in [-1, 1] pixel units unless said otherwise.
 from __future__ import annotations
 
 import math
-from typing import Self
 
 import numpy as np
 import torch
@@ -118,7 +117,7 @@ class FeatureTap:
         self._slots: dict[int, torch.Tensor] = {}
         self._handles = []
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "FeatureTap":
         def hook(index):
             def record(_module, _inputs, output):
                 self._slots[index] = output
