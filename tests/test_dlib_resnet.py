@@ -18,9 +18,9 @@ cv2 = pytest.importorskip("cv2")
 insightface = pytest.importorskip("insightface")
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
-from skimage.transform import SimilarityTransform  # noqa: E402
 
 from dladiff.faces import dlib_resnet  # noqa: E402
+from dladiff.faces.align import estimate_similarity  # noqa: E402
 from dladiff.faces.dlib_resnet import (  # noqa: E402
     DLIB_MODEL_FILES,
     DLIB_VERIFICATION_THRESHOLD,
@@ -148,8 +148,7 @@ def test_template_alignment_keeps_the_identity(faces, recognizer, dlib_descripto
     template = dlib_chip_template()
     distances = []
     for image, shape in faces:
-        similarity = SimilarityTransform.from_estimate(_five_points(shape), template)
-        chip = cv2.warpAffine(image, similarity.params[:2], (CHIP_SIZE, CHIP_SIZE))
+        chip = cv2.warpAffine(image, estimate_similarity(_five_points(shape), template), (CHIP_SIZE, CHIP_SIZE))
         descriptor = np.array(recognizer.compute_face_descriptor(chip))
         distances.append(np.linalg.norm(descriptor - dlib_descriptors, axis=1))
     distances = np.array(distances)
