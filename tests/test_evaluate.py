@@ -369,13 +369,14 @@ def test_protect_dataset_skips_done_identities_and_uses_set_a(tmp_path, identity
     (out / "bob" / "report.json").write_text("{}")
     calls = []
 
-    def fake_protect(photos, out_dir, cfg, layers, surrogate, resume, quiet):
+    def fake_protect(photos, out_dir, cfg, layers, surrogate, resume, quiet, components):
         calls.append((photos.parent.name, photos.name, surrogate, resume))
         (out_dir / "report.json").parent.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.json").write_text("{}")
 
     monkeypatch.setattr(dladiff.protect, "protect_folder", fake_protect)
-    monkeypatch.setattr(dataset, "train_set_a_surrogate", lambda identity_dir, out_dir, cfg, quiet: Path(f"/s/{identity_dir.name}"))
+    monkeypatch.setattr(dataset, "train_set_a_surrogate", lambda identity_dir, out_dir, cfg, components, quiet: Path(f"/s/{identity_dir.name}"))
+    monkeypatch.setattr("dladiff.diffusion.loading.load_sd", lambda *args: "SD")
     cfg = load_config("smoke")
     first = dataset.protect_dataset(tmp_path / "data", out, cfg, quiet=True, share=ProcessShare(0, 2, "cpu"))
     assert first.protected == ["ann", "cid"] and first.already_done == []
