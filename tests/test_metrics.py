@@ -125,19 +125,78 @@ def test_fid_from_images_uses_the_injected_extractor():
     assert metrics.fid_from_images(images_a, images_a, mean_colour_extractor) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_pooled_and_per_identity_fid():
-    rng = np.random.default_rng(5)
-    clean = {"alice": rng.normal(size=(6, 3)), "bob": rng.normal(2.0, 1.0, size=(5, 3))}
-    generated = {"alice": rng.normal(1.0, 1.0, size=(4, 3)), "bob": rng.normal(size=(7, 3))}
-    summary = metrics.pooled_and_per_identity_fid(clean, generated)
-    assert summary.per_identity == {
-        name: pytest.approx(metrics.fid(clean[name], generated[name])) for name in ("alice", "bob")
-    }
-    assert summary.per_identity_mean == pytest.approx(np.mean(list(summary.per_identity.values())))
-    pooled = metrics.fid(np.concatenate(list(clean.values())), np.concatenate(list(generated.values())))
-    assert summary.pooled == pytest.approx(pooled)
+def exact_gaussian(rng, n: int, mean: np.ndarray, std: float) -> np.ndarray:
+    """``n`` samples whose sample mean is ``mean`` and unbiased sample covariance ``std² I`` exactly."""
+    z = rng.normal(size=(n, mean.shape[0]))
+    z -= z.mean(axis=0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False)).T)
+    return mean + std * z
+
+
+def pooled_gaussians(rng, n: int = 40, dim: int = 3, c: float = 2.0, shift: float = 0.7, sigma: float = 0.5):
+    """Two identities: clean ±c·e1 + N(0, I), generated ±c·e1 + shift·e2 + N(0, σ²I), n each, exact moments.
+
+    Pooled over both identities the clean set has mean 0 and unbiased covariance
+    ((2n−2)·I + 2n·c²·e1e1ᵀ)/(2n−1), the generated set mean shift·e2 and ((2n−2)σ²·I + 2n·c²·e1e1ᵀ)/(2n−1):
+    both diagonal, so the Fréchet distance has the closed form of :func:`gaussian_w2_squared`.
+    """
+    e1, e2 = np.eye(dim)[0], np.eye(dim)[1]
+    clean = {"alice": exact_gaussian(rng, n, c * e1, 1.0), "bob": exact_gaussian(rng, n, -c * e1, 1.0)}
+    generated = {"alice": exact_gaussian(rng, n, c * e1 + shift * e2, sigma),
+                 "bob": exact_gaussian(rng, n, -c * e1 + shift * e2, sigma)}
+    spread = 2 * n * c**2 * e1**2 / (2 * n - 1)
+    var_clean = (2 * n - 2) / (2 * n - 1) + spread
+    var_generated = (2 * n - 2) * sigma**2 / (2 * n - 1) + spread
+    expected = gaussian_w2_squared(np.zeros(dim), var_clean, shift * e2, var_generated)
+    return clean, generated, expected
+
+
+def test_pooled_fid_matches_the_closed_form_of_the_pooled_gaussians():
+    clean, generated, expected = pooled_gaussians(np.random.default_rng(5))
+    assert metrics.pooled_fid(clean, generated) == pytest.approx(expected, rel=1e-9)
+    per_identity_mean = np.mean([metrics.fid(clean[n], generated[n]) for n in clean])
+    assert abs(per_identity_mean - expected) > 0.1  # pooling is not the mean of the identities' FIDs
     with pytest.raises(InputError, match="identities"):
-        metrics.pooled_and_per_identity_fid(clean, {"alice": generated["alice"]})
+        metrics.pooled_fid(clean, {"alice": generated["alice"]})
+
+
+def test_evaluate_pools_fid_from_the_saved_features(tmp_path):
+    from dladiff.evaluate.run import FEATURES_DIR, features_path, pooled_fid
+
+    clean, generated, expected = pooled_gaussians(np.random.default_rng(6))
+    for name in clean:
+        (tmp_path / name / FEATURES_DIR).mkdir(parents=True)
+        np.save(tmp_path / name / FEATURES_DIR / "clean.npy", clean[name])
+        np.save(features_path(tmp_path / name, "lora", "a photo"), generated[name])
+    rows = [{"attack": "lora", "model": "m", "prompt": "a photo"}, {"attack": "photos", "model": "", "prompt": ""}]
+    assert pooled_fid(tmp_path, ["alice", "bob"], rows) == {("lora", "m", "a photo"): pytest.approx(expected, rel=1e-9)}
+    features_path(tmp_path / "bob", "lora", "a photo").unlink()
+    assert pooled_fid(tmp_path, ["alice", "bob"], rows) == {}
+
+
+def test_detection_rate_is_the_share_of_images_with_a_face():
+    assert metrics.detection_rate(3, 4) == 0.75
+    assert math.isnan(metrics.detection_rate(0, 0))
+    with pytest.raises(ValueError):
+        metrics.detection_rate(5, 4)
+
+
+def test_evaluate_rows_count_fdr_with_the_embedder_faces():
+    from dladiff.evaluate.report import pool_group
+    from dladiff.evaluate.scoring import Scorers, generated_row
+
+    class EveryOtherFace:
+        name = "fake"
+
+        def embed(self, image):
+            return np.ones(4) if image[0, 0, 0] % 2 == 0 else None
+
+    images = solid_images([0, 1, 2, 4, 5])
+    row = generated_row(images, np.ones((1, 4)), None, Scorers(EveryOtherFace(), brisque=False), Path("unused"))
+    assert (row["faces"], row["fdr"]) == (3, 0.6)
+    other = {"attack": "lora", "model": "", "prompt": "p", "images": 5, "faces": 1, "fdr": 0.2}
+    pooled = pool_group([{"attack": "lora", "model": "", "prompt": "p", **row}, other])
+    assert (pooled["faces"], pooled["fdr"]) == (4, 0.4)
 
 
 def test_batches_of_equal_shape_keep_order_and_limit():

@@ -160,7 +160,7 @@ def generated_row(images: list[np.ndarray], references: np.ndarray | None, clean
     """FDR, ISM, per-identity FID, BRISQUE, FIQA and NSFW rate of one attack and prompt's images."""
     embeddings = embeddings_of(images, scorers.embedder)
     faces = sum(e is not None for e in embeddings)
-    row = {"images": len(images), "faces": faces, "fdr": faces / len(images) if images else math.nan,
+    row = {"images": len(images), "faces": faces, "fdr": metrics.detection_rate(faces, len(images)),
            "ism": ism_against(embeddings, references)}
     if scorers.fid is not None and images:
         features = scorers.fid(images)
