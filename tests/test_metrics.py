@@ -483,3 +483,50 @@ def test_sd_safety_checker_loads_from_a_local_folder(tmp_path, layout):
     flags = checker(images)
     assert len(flags) == 3 and all(isinstance(flag, bool) for flag in flags)
     assert 0.0 <= metrics.nsfw_rate(images, checker) <= 1.0
+
+
+def fake_hub(repo: Path, cache: Path):
+    """A stand-in for ``huggingface_hub.snapshot_download`` serving ``repo``'s files into ``cache``.
+
+    Like the real one: ``local_files_only`` returns the cached snapshot whatever it holds, else raises;
+    a download adds the files matching ``allow_patterns``.
+    """
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    def snapshot_download(model_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            if not cache.is_dir():
+                raise FileNotFoundError(f"{model_id} not cached")
+            return str(cache)
+        files = [str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (cache / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, cache / name)
+        return str(cache)
+
+    return snapshot_download
+
+
+def test_nsfw_checker_of_a_hub_model_gets_its_processor_config(tmp_path, tiny_sd, monkeypatch):
+    """SD-1.5's layout: protection fetches no safety checker; evaluate fetches it with feature_extractor/."""
+    import shutil
+
+    import huggingface_hub
+
+    from dladiff.diffusion.loading import resolve_model_folder
+    from dladiff.evaluate.config import load_evaluate_config, with_evaluate_overrides
+    from dladiff.evaluate.scoring import safety_checker_path
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_sd, repo)
+    save_tiny_safety_checker(repo / "safety_checker", repo / "feature_extractor")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub(repo, tmp_path / "cache"))
+    protection = resolve_model_folder("org/sd15")
+    assert (protection / "unet" / "config.json").is_file() and not (protection / "safety_checker").exists()
+    cfg = with_evaluate_overrides(load_evaluate_config("smoke"), model={"id": "org/sd15"})
+    folder = safety_checker_path(cfg)
+    assert (folder / "feature_extractor" / "preprocessor_config.json").is_file()
+    checker = metrics.load_sd_safety_checker(folder, batch_size=2)
+    assert len(checker([skimage.data.astronaut()])) == 1

@@ -64,8 +64,11 @@ def optional_model(name: str, enabled: bool, load: Callable, unavailable: dict):
 
 
 def safety_checker_path(cfg: EvaluateConfig) -> Path:
-    """``metrics.safety_checker`` (folder or cached hub id), else the attacked model's own folder."""
-    from dladiff.diffusion.loading import resolve_model_folder
+    """``metrics.safety_checker`` (folder or cached hub id), else the attacked model's own folder.
+
+    For a hub model, its ``safety_checker/`` and ``feature_extractor/`` are fetched (once) when the cache lacks them.
+    """
+    from dladiff.diffusion.loading import SAFETY_CHECKER_FILES, SAFETY_CHECKER_PATTERNS, resolve_model_folder
 
     if cfg.metrics.safety_checker:
         path = Path(cfg.metrics.safety_checker).expanduser()
@@ -74,7 +77,7 @@ def safety_checker_path(cfg: EvaluateConfig) -> Path:
         from dladiff.evaluate.weights import local_model_folder
 
         return local_model_folder(cfg.metrics.safety_checker, "SD safety checker")
-    return resolve_model_folder(cfg.model.id, cfg.model.revision)
+    return resolve_model_folder(cfg.model.id, cfg.model.revision, SAFETY_CHECKER_PATTERNS, SAFETY_CHECKER_FILES)
 
 
 def load_scorers(cfg: EvaluateConfig, device: str = "cpu") -> Scorers:
