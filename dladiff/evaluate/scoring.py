@@ -80,6 +80,13 @@ def safety_checker_path(cfg: EvaluateConfig) -> Path:
     return resolve_model_folder(cfg.model.id, cfg.model.revision, SAFETY_CHECKER_PATTERNS, SAFETY_CHECKER_FILES)
 
 
+def load_nsfw_checker(cfg: EvaluateConfig, device: str = "cpu") -> metrics.NsfwChecker:
+    """The ``metrics.nsfw_detector``: the SD safety checker (default) or open_nsfw."""
+    if cfg.metrics.nsfw_detector == "opennsfw":
+        return metrics.OpenNsfwChecker(cfg.metrics.opennsfw_threshold)
+    return metrics.load_sd_safety_checker(safety_checker_path(cfg), device)
+
+
 def load_scorers(cfg: EvaluateConfig, device: str = "cpu") -> Scorers:
     """Detector + encoder (required: a missing one raises) and the optional models of the config."""
     m = cfg.metrics
@@ -87,7 +94,7 @@ def load_scorers(cfg: EvaluateConfig, device: str = "cpu") -> Scorers:
     if not m.brisque:
         scorers.unavailable["brisque"] = DISABLED
     scorers.fid = optional_model("fid", m.fid, lambda: metrics.InceptionFeatureExtractor(m.fid_weights or None, device), scorers.unavailable)
-    scorers.nsfw = optional_model("nsfw_rate", m.nsfw, lambda: metrics.load_sd_safety_checker(safety_checker_path(cfg), device), scorers.unavailable)
+    scorers.nsfw = optional_model("nsfw_rate", m.nsfw, lambda: load_nsfw_checker(cfg, device), scorers.unavailable)
     from dladiff.evaluate.fiqa import FiqaScorer
 
     scorers.fiqa = optional_model("fiqa", m.fiqa, lambda: FiqaScorer(m.fiqa_weights, device), scorers.unavailable)
