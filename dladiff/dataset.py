@@ -63,27 +63,37 @@ def is_protected(out_dir: Path) -> bool:
     return (Path(out_dir) / PROTECT_REPORT).is_file()
 
 
-def train_set_a_surrogate(identity_dir: Path, out_dir: Path, cfg: Config, quiet: bool) -> Path | None:
-    """Anti-DreamBooth layout: the static surrogate θs trained on ``set_A`` (paper Eq. 7), else None."""
+def train_set_a_surrogate(identity_dir: Path, out_dir: Path, cfg: Config, components, quiet: bool) -> Path | None:
+    """Anti-DreamBooth layout: the static surrogate θs trained on ``set_A`` (paper Eq. 7), else None.
+
+    None too when the method (``method.name`` with ``cfg``) never reads θs: no DreamBooth steps are
+    spent on a surrogate nothing uses. ``components``: the identity's loaded SD (left untouched).
+    """
     from dladiff.data import load_folder
-    from dladiff.diffusion.loading import load_sd
+    from dladiff.methods import needs_static_surrogate
     from dladiff.surrogate import finetune_surrogate
 
     set_a = surrogate_folder(identity_dir)
-    if set_a is None or not (cfg.layer1.dsur and cfg.layer1.stage1_steps > 0):
+    if set_a is None or not needs_static_surrogate(cfg.method.name, cfg):
         return None
     portraits, _ = load_folder(set_a)
-    device = select_device(cfg.runtime.device)
-    components = load_sd(cfg.model.id, cfg.model.revision, device)
-    return finetune_surrogate(portraits, components, cfg, out_dir / "surrogate", device, quiet)
+    return finetune_surrogate(portraits, components, cfg, out_dir / "surrogate", select_device(cfg.runtime.device), quiet)
 
 
 def protect_identity(identity_dir: Path, out_dir: Path, cfg: Config, layers: tuple[int, ...], quiet: bool) -> None:
-    """Protect one identity folder (``set_B`` of the Anti-DreamBooth layout) into ``out_dir``."""
+    """Protect one identity folder (``set_B`` of the Anti-DreamBooth layout) into ``out_dir``.
+
+    With layer 1, SD is loaded once and serves both the ``set_A`` surrogate and the protection.
+    """
+    from dladiff.diffusion.loading import load_sd
     from dladiff.protect import protect_folder
 
-    surrogate = train_set_a_surrogate(identity_dir, out_dir, cfg, quiet) if 1 in layers else None
-    protect_folder(photos_folder(identity_dir), out_dir, cfg, layers, surrogate, resume=True, quiet=quiet)
+    components, surrogate = None, None
+    if 1 in layers:
+        components = load_sd(cfg.model.id, cfg.model.revision, select_device(cfg.runtime.device))
+        surrogate = train_set_a_surrogate(identity_dir, out_dir, cfg, components, quiet)
+    protect_folder(photos_folder(identity_dir), out_dir, cfg, layers, surrogate, resume=True, quiet=quiet,
+                   components=components)
 
 
 def protect_dataset(dataset_root: Path, out_root: Path, cfg: Config, layers: tuple[int, ...] = (1, 2),

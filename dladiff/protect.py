@@ -95,8 +95,12 @@ def _static_surrogate_folder(portraits, components, cfg: Config, surrogate_dir: 
 
 
 def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, out_dir: Path, run_dir: Path,
-                  surrogate_dir: Path | None, resume: bool, quiet: bool, stop: StopRequest) -> tuple[list[np.ndarray], dict]:
-    """Layer 1 on all photos; returns the perturbed photos (uint8, original sizes) and report info."""
+                  surrogate_dir: Path | None, resume: bool, quiet: bool, stop: StopRequest,
+                  components=None) -> tuple[list[np.ndarray], dict]:
+    """Layer 1 on all photos; returns the perturbed photos (uint8, original sizes) and report info.
+
+    ``components``: SD already loaded on ``device`` (its UNet becomes θd), else it is loaded here.
+    """
     from dladiff.diffusion.loading import load_sd
     from dladiff.layer1 import run_fingerprint
     from dladiff.methods import method_fingerprint, needs_static_surrogate, run_method
@@ -104,7 +108,7 @@ def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, 
 
     method = cfg.method.name
     hashes = [p.sha256 for p in portraits]
-    components = load_sd(cfg.model.id, cfg.model.revision, device)
+    components = components or load_sd(cfg.model.id, cfg.model.revision, device)
     needs_static = needs_static_surrogate(method, cfg)
     static_folder = _static_surrogate_folder(portraits, components, cfg, surrogate_dir, out_dir, device, quiet) if needs_static else None
     surrogate_id = json.loads((static_folder / "surrogate.json").read_text()) if static_folder else None
@@ -129,8 +133,11 @@ def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, 
 
 def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[int, ...] = (1, 2),
                    surrogate_dir: Path | None = None, resume: bool = False, quiet: bool = False,
-                   stop: StopRequest | None = None) -> ProtectOutcome:
-    """Protect every photo of ``photos_dir`` into ``out_dir`` (PNG + ``report.json``)."""
+                   stop: StopRequest | None = None, components=None) -> ProtectOutcome:
+    """Protect every photo of ``photos_dir`` into ``out_dir`` (PNG + ``report.json``).
+
+    ``components``: SD already loaded for layer 1 (dataset mode shares it with the surrogate), else loaded here.
+    """
     photos_dir, out_dir = Path(photos_dir), Path(out_dir)
     layers = tuple(sorted(set(layers)))
     if not layers or any(layer not in (1, 2) for layer in layers):
@@ -151,7 +158,7 @@ def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[i
     current = [p.pixels for p in portraits]
     layer1_info, face_reports = None, [None] * len(portraits)
     if 1 in layers:
-        current, layer1_info = run_layer1_on(portraits, cfg, device, out_dir, run_dir, surrogate_dir, resume, quiet, stop)
+        current, layer1_info = run_layer1_on(portraits, cfg, device, out_dir, run_dir, surrogate_dir, resume, quiet, stop, components)
     if 2 in layers:
         current, face_reports = protect_photos(portraits, current, cfg, quiet, layer2_models)
     limit = allowed_linf_255(cfg, layers)

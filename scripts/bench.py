@@ -3,11 +3,16 @@
 
     python scripts/bench.py --config configs/default.yaml --arch sd21-base-random --images 4
     python scripts/bench.py --config smoke                     # the tiny model, CPU
+    python scripts/bench.py --config smoke --out bench.json    # also write the JSON to a file
 
 ``--arch sd21-base-random`` builds the real SD-2.1-base architecture with random weights from the
 config shipped in the package (no download; about 5 GB written once to the dladiff cache), so GPU
 cost can be measured without the weights. ``--arch config`` uses the config's model.id. Peak
 memory: ``torch.cuda.max_memory_allocated`` on CUDA, peak RSS of the process on the CPU.
+
+Estimates for one identity: layer 1 = E × (n1·t1 + n2·t2 + n3·t3); the static surrogate =
+``surrogate.steps`` × t3 (a surrogate step is the same DreamBooth step as stage 3, on clean latents);
+their sum is the whole layer-1 run.
 """
 
 import argparse
@@ -15,6 +20,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,6 +40,7 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per stage (after one warm-up step)")
     parser.add_argument("--device", default=None, help="override runtime.device")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the JSON to this file")
     return parser.parse_args()
 
 
@@ -69,6 +76,18 @@ def peak_memory(device) -> dict:
     return {"kind": "peak RSS", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def estimates(timings: dict, cfg) -> dict:
+    """Seconds of one epoch, of layer 1 (E epochs), of the static surrogate and of both, from per-step times."""
+    l1 = cfg.layer1
+    stage3 = timings.get("stage3", 0.0)
+    epoch = l1.stage1_steps * timings["stage1"] + l1.stage2_steps * timings["stage2"] + l1.stage3_steps * stage3
+    surrogate = cfg.surrogate.steps * stage3
+    return {"seconds_per_epoch": epoch, "layer1_seconds_estimate": epoch * l1.epochs,
+            "surrogate_seconds_estimate": surrogate, "full_layer1_run_seconds_estimate": epoch * l1.epochs + surrogate,
+            "counted": {"epochs": l1.epochs, "steps_per_epoch": [l1.stage1_steps, l1.stage2_steps, l1.stage3_steps],
+                        "surrogate_steps": cfg.surrogate.steps}}
+
+
 def main() -> None:
     args = parse_args()
     cfg = load_config(args.config)
@@ -93,7 +112,7 @@ def main() -> None:
     if protector.trainer is not None:
         timings["stage3"] = time_steps(lambda: protector.stage3_step(data), args.steps, device)
     l1 = cfg.layer1
-    epoch = l1.stage1_steps * timings["stage1"] + l1.stage2_steps * timings["stage2"] + l1.stage3_steps * timings.get("stage3", 0.0)
+    memory = peak_memory(device)
     result = {
         "device": str(device),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -102,12 +121,14 @@ def main() -> None:
         "gradient_checkpointing": cfg.runtime.gradient_checkpointing,
         "captured_resolutions": list(l1.attention.resolutions),
         "seconds_per_step": timings,
-        "seconds_per_epoch": epoch,
-        "layer1_seconds_estimate": epoch * l1.epochs,
-        "peak_memory": peak_memory(device),
+        **estimates(timings, cfg),
+        "peak_memory": {**memory, "gib": round(memory["bytes"] / 2**30, 3)},
         "torch": torch.__version__,
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from dladiff.diffusion.attention import AttentionStore, CapturingAttnProcessor, attention_loss, install_capture, layer_resolution
+from dladiff.diffusion.attention import AttentionStore, attention_loss, install_capture, layer_resolution
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,68 @@ def test_token_restriction_and_disabled_store(unet):
     with torch.no_grad():
         unet(sample, t, encoder_hidden_states=text)
     assert not store.cross and not store.self_
-    assert isinstance(next(iter(unet.attn_processors.values())), (CapturingAttnProcessor, AttnProcessor2_0))
+
+
+def reference_maps(unet, sample, t, text, names):
+    """softmax(QKᵀ·scale) of the layers ``names``, computed by hand from each layer's own inputs."""
+    maps, hooks = {}, []
+
+    def hook(name):
+        def record(attn, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            context = kwargs.get("encoder_hidden_states")
+            context = hidden if context is None else context
+            q, k = attn.to_q(hidden), attn.to_k(context)
+            split = lambda x: x.view(x.shape[0], x.shape[1], attn.heads, -1).transpose(1, 2)
+            maps[name] = torch.softmax(split(q) @ split(k).transpose(-1, -2) * attn.scale, dim=-1)
+        return record
+
+    for name in names:
+        module = unet.get_submodule(name.rsplit(".", 1)[0])
+        hooks.append(module.register_forward_pre_hook(hook(name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            unet(sample, t, encoder_hidden_states=text)
+    finally:
+        for h in hooks:
+            h.remove()
+    return maps
+
+
+def count_sdpa(monkeypatch):
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return calls
+
+
+def check_capture_under_sdpa(unet, sample, t, text, monkeypatch, atol=1e-6):
+    """Captured maps = hand-computed attention; uncaptured layers (and all, while disabled) run fused SDPA."""
+    store = AttentionStore()
+    names = install_capture(unet, store, (8,), latent_side=8)
+    expected = reference_maps(unet, sample, t, text, names)
+    calls = count_sdpa(monkeypatch)
+    with torch.no_grad():
+        unet(sample, t, encoder_hidden_states=text)
+    assert len(calls) == len(unet.attn_processors) - len(names) > 0
+    assert set(store.cross) | set(store.self_) == set(names)
+    for name in names:
+        got = store.cross.get(name, store.self_.get(name))
+        torch.testing.assert_close(got.float(), expected[name].float(), atol=atol, rtol=1e-3)
+    calls.clear()
+    store.enabled = False
+    with torch.no_grad():
+        unet(sample, t, encoder_hidden_states=text)
+    assert len(calls) == len(unet.attn_processors)
+
+
+def test_captured_maps_are_the_attention_and_other_layers_stay_fused(unet, monkeypatch):
+    check_capture_under_sdpa(unet, *_inputs(unet), monkeypatch)
 
 
 def test_unknown_resolution_is_an_error(unet):

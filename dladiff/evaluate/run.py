@@ -146,18 +146,22 @@ def evaluate_identity(identity: IdentityFolders, out_dir: Path, cfg: EvaluateCon
 
 
 def pooled_fid(out_dir: Path, identities: list[str], rows: list[dict]) -> dict[tuple, float]:
-    """Table 1's FID: all identities' clean features vs all their generated features, per group."""
-    clean = [out_dir / n / FEATURES_DIR / "clean.npy" for n in identities]
-    if not clean or not all(p.is_file() for p in clean):
+    """Table 1's FID per (attack, model, prompt): :func:`metrics.pooled_fid` of the identities' saved features.
+
+    A group is left out when an identity lacks its features or a side has fewer than 2.
+    """
+    clean_paths = {n: out_dir / n / FEATURES_DIR / "clean.npy" for n in identities}
+    if not clean_paths or not all(p.is_file() for p in clean_paths.values()):
         return {}
-    clean_all = np.concatenate([np.load(p) for p in clean])
+    clean = {n: np.load(p) for n, p in clean_paths.items()}
     out = {}
     for attack, model, prompt in {(r["attack"], r["model"], r["prompt"]) for r in rows if r["attack"] != "photos"}:
-        paths = [features_path(out_dir / n, attack, prompt) for n in identities]
-        found = [np.load(p) for p in paths if p.is_file()]
-        generated = np.concatenate(found) if found else np.zeros((0, 1))
-        if len(found) == len(paths) and len(generated) >= 2 and len(clean_all) >= 2:
-            out[(attack, model, prompt)] = metrics.fid(clean_all, generated)
+        paths = {n: features_path(out_dir / n, attack, prompt) for n in identities}
+        if all(p.is_file() for p in paths.values()):
+            try:
+                out[(attack, model, prompt)] = metrics.pooled_fid(clean, {n: np.load(p) for n, p in paths.items()})
+            except InputError:
+                continue
     return out
 
 

@@ -64,8 +64,11 @@ def optional_model(name: str, enabled: bool, load: Callable, unavailable: dict):
 
 
 def safety_checker_path(cfg: EvaluateConfig) -> Path:
-    """``metrics.safety_checker`` (folder or cached hub id), else the attacked model's own folder."""
-    from dladiff.diffusion.loading import resolve_model_folder
+    """``metrics.safety_checker`` (folder or cached hub id), else the attacked model's own folder.
+
+    For a hub model, its ``safety_checker/`` and ``feature_extractor/`` are fetched (once) when the cache lacks them.
+    """
+    from dladiff.diffusion.loading import SAFETY_CHECKER_FILES, SAFETY_CHECKER_PATTERNS, resolve_model_folder
 
     if cfg.metrics.safety_checker:
         path = Path(cfg.metrics.safety_checker).expanduser()
@@ -74,7 +77,14 @@ def safety_checker_path(cfg: EvaluateConfig) -> Path:
         from dladiff.evaluate.weights import local_model_folder
 
         return local_model_folder(cfg.metrics.safety_checker, "SD safety checker")
-    return resolve_model_folder(cfg.model.id, cfg.model.revision)
+    return resolve_model_folder(cfg.model.id, cfg.model.revision, SAFETY_CHECKER_PATTERNS, SAFETY_CHECKER_FILES)
+
+
+def load_nsfw_checker(cfg: EvaluateConfig, device: str = "cpu") -> metrics.NsfwChecker:
+    """The ``metrics.nsfw_detector``: the SD safety checker (default) or open_nsfw."""
+    if cfg.metrics.nsfw_detector == "opennsfw":
+        return metrics.OpenNsfwChecker(cfg.metrics.opennsfw_threshold)
+    return metrics.load_sd_safety_checker(safety_checker_path(cfg), device)
 
 
 def load_scorers(cfg: EvaluateConfig, device: str = "cpu") -> Scorers:
@@ -84,7 +94,7 @@ def load_scorers(cfg: EvaluateConfig, device: str = "cpu") -> Scorers:
     if not m.brisque:
         scorers.unavailable["brisque"] = DISABLED
     scorers.fid = optional_model("fid", m.fid, lambda: metrics.InceptionFeatureExtractor(m.fid_weights or None, device), scorers.unavailable)
-    scorers.nsfw = optional_model("nsfw_rate", m.nsfw, lambda: metrics.load_sd_safety_checker(safety_checker_path(cfg), device), scorers.unavailable)
+    scorers.nsfw = optional_model("nsfw_rate", m.nsfw, lambda: load_nsfw_checker(cfg, device), scorers.unavailable)
     from dladiff.evaluate.fiqa import FiqaScorer
 
     scorers.fiqa = optional_model("fiqa", m.fiqa, lambda: FiqaScorer(m.fiqa_weights, device), scorers.unavailable)
@@ -160,7 +170,7 @@ def generated_row(images: list[np.ndarray], references: np.ndarray | None, clean
     """FDR, ISM, per-identity FID, BRISQUE, FIQA and NSFW rate of one attack and prompt's images."""
     embeddings = embeddings_of(images, scorers.embedder)
     faces = sum(e is not None for e in embeddings)
-    row = {"images": len(images), "faces": faces, "fdr": faces / len(images) if images else math.nan,
+    row = {"images": len(images), "faces": faces, "fdr": metrics.detection_rate(faces, len(images)),
            "ism": ism_against(embeddings, references)}
     if scorers.fid is not None and images:
         features = scorers.fid(images)
