@@ -3,11 +3,13 @@
 Photos are read with PIL (JPEG, PNG, WebP, ...), EXIF orientation applied, and converted to 8-bit
 RGB (RGBA is composited on white, greyscale replicated, 16-bit scaled down). In memory a photo is
 an ``(H, W, 3) uint8`` array; tensors for the models are ``(N, 3, H, W) float32`` in [-1, 1].
-Outputs are lossless PNG without metadata, written atomically (temporary file, then rename).
+Outputs are lossless PNG without metadata, written atomically (temporary file, fsync, then rename);
+a failed write (a full disk) is a clear error that names the file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dladiff.errors import InputError
+from dladiff.errors import DladiffError, InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -187,16 +189,47 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
-def atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
+    """Write ``path`` by ``write(tmp)`` on a temporary file beside it, fsync, then rename it over ``path``.
+
+    A crash never leaves half a file. ``keep_previous``: the file being replaced is renamed to it
+    first. An ``OSError`` (disk full, no permission, ...) removes the temporary file and becomes a
+    :class:`~dladiff.errors.DladiffError` that names ``path`` and says what to do.
+    """
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
+        _fsync(tmp)
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        _fsync(path.parent)
+    except OSError as exc:
+        raise DladiffError(write_error_message(path, exc)) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync(path) -> None:
+    """Flush a file (or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_error_message(path: Path, exc: OSError) -> str:
+    """What went wrong writing ``path`` and what to do about it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{path}: cannot write it, the disk is full ({exc.strerror or exc}); free some space (or choose an "
+                f"output folder on another disk) and run the command again")
+    return f"{path}: cannot write it ({exc.strerror or exc}); check that its folder is writable and run the command again"
 
 
 def save_png(pixels: np.ndarray, path: Path) -> None:
@@ -208,7 +241,3 @@ def save_json(data: dict, path: Path) -> None:
     """Write JSON atomically (indented, UTF-8)."""
     atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8"))
 
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename, so a crash never leaves half a file."""
-    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))

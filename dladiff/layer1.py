@@ -11,7 +11,10 @@ One ADFT epoch (Eq. 9), for images x ``(N, 3, R, R)`` in [-1, 1] and perturbatio
 Every PGD step is δ1 ← Π(δ1 + α1·sign(∇δ1 L)) with Π clipping δ1 to [−η1, η1] and x + δ1 to [−1, 1].
 ``dsur: false`` drops stage 1 (Anti-DreamBooth's ASPL), ``adft: false`` drops stage 3 (Table 5).
 Checkpoints hold δ1, θd and its optimizer and the generator state, so a resumed run reaches the
-same result as an uninterrupted one.
+same result as an uninterrupted one. They are tensors and plain data only (:mod:`dladiff.state_io`,
+never pickle); the one before the newest is kept, so a damaged newest one costs a few epochs, not
+the run. During PGD θd's weights do not require grad: autograd keeps no activations for weight
+gradients that nothing uses.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Callable
 import torch
 
 from dladiff.config import Config, config_to_dict
-from dladiff.data import atomic_torch_save
 from dladiff.diffusion.attention import AttentionStore, attention_loss, install_capture
 from dladiff.diffusion.finetune import DreamBoothTrainer, LatentSet, encode_images
 from dladiff.diffusion.loading import SDComponents, encode_prompt, token_positions
@@ -36,10 +38,13 @@ from dladiff.errors import DladiffError
 from dladiff.pgd import pgd_update
 from dladiff.purify import eot_transform
 from dladiff.runtime import Interrupted, StopRequest, autocast, frozen_dtype, progress
+from dladiff.state_io import StateFileError, read_state, save_state
 
 log = logging.getLogger("dladiff")
 
 CHECKPOINT = "layer1.ckpt"
+PREVIOUS_CHECKPOINT = "layer1.ckpt.prev"
+CHECKPOINT_KIND = "layer-1 checkpoint"
 
 
 @dataclass
@@ -171,6 +176,21 @@ class ADFTProtector:
         """α1 for this draw: a number, or ``(B, 1, 1, 1)`` per image (methods with schedules override it)."""
         return self.l1.step_size
 
+    @contextlib.contextmanager
+    def weights_frozen(self):
+        """θd's trained weights without ``requires_grad`` inside the block (gradients w.r.t. δ or e only).
+
+        Autograd then keeps no activations for weight gradients; stage 3 gets them back afterwards.
+        """
+        trained = [p for p in self.unet_d.parameters() if p.requires_grad]
+        for p in trained:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in trained:
+                p.requires_grad_(True)
+
     def _pgd_step(self, loss_fn, stores: tuple[AttentionStore, ...] = ()) -> float:
         """One PGD ascent step over all images (chunk by chunk); returns the mean loss before it.
 
@@ -180,7 +200,7 @@ class ADFTProtector:
         for idx in self._chunks():
             delta = self.delta[idx].clone().requires_grad_(True)
             draw = self._draw(len(idx))
-            with self.capturing(*stores):
+            with self.capturing(*stores), self.weights_frozen():
                 loss = loss_fn(idx, delta, draw)
                 (grad,) = torch.autograd.grad(loss, delta)
             self.delta[idx] = pgd_update(self.delta[idx], grad, self.x[idx], self.step_size(draw), self.l1.epsilon, ascent=True)
@@ -249,7 +269,10 @@ class ADFTProtector:
         return pgd + (self.l1.stage3_steps if self.trainer else 0)
 
     def extra_state(self) -> dict:
-        """State besides δ1, θd and the generator that a resumed run needs (methods override it)."""
+        """State besides δ1, θd and the generator that a resumed run needs (methods override it).
+
+        Tensors and plain data only (:mod:`dladiff.state_io`); the keys must not clash with :meth:`state`'s.
+        """
         return {}
 
     def load_extra_state(self, state: dict) -> None:
@@ -275,15 +298,47 @@ class ADFTProtector:
         self.load_extra_state(state)
 
 
-def load_checkpoint(run_dir: Path, fingerprint: str, device) -> dict | None:
-    """The layer-1 checkpoint of ``run_dir`` if it belongs to this run, else a clear error."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location=device, weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        raise DladiffError(f"{path} was made with other photos, model or layer-1 settings; delete it or use another --out")
-    return state
+def save_checkpoint(state: dict, run_dir: Path) -> None:
+    """Write ``run_dir/layer1.ckpt`` atomically, keeping the checkpoint it replaces as ``layer1.ckpt.prev``.
+
+    The older fallback is deleted first, so the disk never holds more than two checkpoints.
+    """
+    run_dir = Path(run_dir)
+    (run_dir / PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
+    save_state(state, run_dir / CHECKPOINT, CHECKPOINT_KIND, keep_previous=run_dir / PREVIOUS_CHECKPOINT)
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """Delete the layer-1 checkpoints of ``run_dir`` (once its result is saved)."""
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def load_checkpoint(run_dir: Path, fingerprint: str) -> dict | None:
+    """The newest sound layer-1 checkpoint of ``run_dir`` (``layer1.ckpt``, else ``layer1.ckpt.prev``).
+
+    A damaged or foreign file is skipped with a warning (never unpickled); None when no sound one is
+    left. A sound checkpoint of another run (other photos, model or settings) is a clear error.
+    """
+    damaged = []
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            state = read_state(path, CHECKPOINT_KIND)
+        except StateFileError as exc:
+            log.warning("%s", exc)
+            damaged.append(path)
+            continue
+        if state.get("fingerprint") != fingerprint:
+            raise DladiffError(f"{path} was made with other photos, model or layer-1 settings; delete it or use another --out")
+        if damaged:
+            log.warning("resuming layer 1 from the checkpoint before the damaged one (%s)", path)
+        return state
+    if damaged:
+        log.warning("no sound layer-1 checkpoint is left; layer 1 starts again from the first epoch")
+    return None
 
 
 def run_layer1(x: torch.Tensor, components: SDComponents, static_unet, cfg: Config, device: torch.device,
@@ -304,7 +359,7 @@ def run_protector(protector: ADFTProtector, cfg: Config, run_dir: Path, fingerpr
     """
     name = protector.name
     if resume:
-        state = load_checkpoint(run_dir, fingerprint, protector.device)
+        state = load_checkpoint(run_dir, fingerprint)
         if state is not None:
             protector.load_state(state)
             log.info("resuming layer 1 (%s) at epoch %d/%d", name, protector.epoch, cfg.layer1.epochs)
@@ -317,7 +372,7 @@ def run_protector(protector: ADFTProtector, cfg: Config, run_dir: Path, fingerpr
             protector.run_epoch(bar)
             last = protector.epoch == epochs
             if last or stop.requested or protector.epoch % cfg.layer1.checkpoint_every == 0:
-                atomic_torch_save(protector.state(fingerprint), Path(run_dir) / CHECKPOINT)
+                save_checkpoint(protector.state(fingerprint), run_dir)
             if stop.requested and not last:
                 raise Interrupted(f"stopped after layer-1 epoch {protector.epoch}/{epochs} ({name}); a checkpoint "
                                   f"is in {run_dir}; rerun the same command with --resume to continue")

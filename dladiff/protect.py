@@ -28,7 +28,8 @@ from dladiff.runtime import StopRequest, select_device
 log = logging.getLogger("dladiff")
 
 RUN_DIR = ".dladiff-run"
-LAYER1_RESULT = "layer1_result.pt"
+LAYER1_RESULT = "layer1_result.safetensors"
+LAYER1_RESULT_KIND = "layer-1 result"
 
 
 @dataclass
@@ -94,6 +95,23 @@ def _static_surrogate_folder(portraits, components, cfg: Config, surrogate_dir: 
     return finetune_surrogate(portraits, components, cfg, out_dir / "surrogate", device, quiet)
 
 
+def _saved_layer1_result(path: Path, fingerprint: str) -> dict | None:
+    """The layer-1 result saved in ``path`` by an earlier run with this fingerprint, else None.
+
+    A damaged or foreign file is not used (never unpickled): a warning, and layer 1 runs again.
+    """
+    from dladiff.state_io import StateFileError, read_state
+
+    if not path.is_file():
+        return None
+    try:
+        saved = read_state(path, LAYER1_RESULT_KIND)
+    except StateFileError as exc:
+        log.warning("%s; layer 1 runs again", exc)
+        return None
+    return saved if saved.get("fingerprint") == fingerprint else None
+
+
 def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, out_dir: Path, run_dir: Path,
                   surrogate_dir: Path | None, resume: bool, quiet: bool, stop: StopRequest,
                   components=None) -> tuple[list[np.ndarray], dict]:
@@ -101,9 +119,12 @@ def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, 
 
     ``components``: SD already loaded on ``device`` (its UNet becomes θd), else it is loaded here.
     """
+    from dataclasses import replace
+
     from dladiff.diffusion.loading import load_sd
-    from dladiff.layer1 import run_fingerprint
-    from dladiff.methods import method_fingerprint, needs_static_surrogate, run_method
+    from dladiff.layer1 import remove_checkpoints, run_fingerprint
+    from dladiff.methods import method_fingerprint, needs_static_surrogate, run_method, uses_pretrained_unet
+    from dladiff.state_io import save_state
     from dladiff.surrogate import load_static_surrogate
 
     method = cfg.method.name
@@ -115,16 +136,18 @@ def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, 
     fingerprint = method_fingerprint(run_fingerprint(cfg, hashes, json.dumps(surrogate_id, sort_keys=True) if surrogate_id else None),
                                      method, cfg)
     result_path = run_dir / LAYER1_RESULT
-    saved = torch.load(result_path, weights_only=False) if resume and result_path.is_file() else None
-    if saved is not None and saved["fingerprint"] == fingerprint:
+    saved = _saved_layer1_result(result_path, fingerprint) if resume else None
+    if saved is not None:
         delta, history = saved["delta"], saved["history"]
     else:
+        if not uses_pretrained_unet(method, cfg):
+            components = replace(components, unet=None)  # e.g. FSMG attacks θs only: free the base UNet
         static_unet = load_static_surrogate(static_folder, device, cfg.runtime.precision) if static_folder else None
         x = model_batch(portraits, cfg.model.resolution)
         result = run_method(method, x, components, static_unet, cfg, device, run_dir, fingerprint, resume, quiet, stop)
         delta, history = result.delta, result.history
-        torch.save({"fingerprint": fingerprint, "delta": delta, "history": history}, result_path)
-        (run_dir / "layer1.ckpt").unlink(missing_ok=True)
+        save_state({"fingerprint": fingerprint, "delta": delta, "history": history}, result_path, LAYER1_RESULT_KIND)
+        remove_checkpoints(run_dir)
     eps255 = bound_255(cfg.layer1.epsilon)
     outputs = [apply_perturbation(p.pixels, delta[i], eps255) for i, p in enumerate(portraits)]
     info = {"method": method, "surrogate": str(static_folder) if static_folder else None, "history": history}

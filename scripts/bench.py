@@ -8,7 +8,9 @@
 ``--arch sd21-base-random`` builds the real SD-2.1-base architecture with random weights from the
 config shipped in the package (no download; about 5 GB written once to the dladiff cache), so GPU
 cost can be measured without the weights. ``--arch config`` uses the config's model.id. Peak
-memory: ``torch.cuda.max_memory_allocated`` on CUDA, peak RSS of the process on the CPU.
+memory: ``torch.cuda.max_memory_allocated`` on CUDA, peak RSS of the process on the CPU; on any
+device, ``autograd_saved_bytes`` is what autograd keeps for the backward pass during one PGD step
+(the activations, weights not counted).
 
 Estimates for one identity: layer 1 = E × (n1·t1 + n2·t2 + n3·t3); the static surrogate =
 ``surrogate.steps`` × t3 (a surrogate step is the same DreamBooth step as stage 3, on clean latents);
@@ -70,6 +72,22 @@ def time_steps(step, steps: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def autograd_saved_bytes(step, modules) -> int:
+    """Bytes of the tensors autograd saves for backward during one call of ``step``, the modules' weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for m in modules if m is not None for p in m.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(saved.values())
+
+
 def peak_memory(device) -> dict:
     if device.type == "cuda":
         return {"kind": "torch.cuda.max_memory_allocated", "bytes": torch.cuda.max_memory_allocated(device)}
@@ -108,6 +126,9 @@ def main() -> None:
     protector = ADFTProtector(x, components, static, cfg, device)
     timings = {"stage1": time_steps(protector.stage1_step, args.steps, device),
                "stage2": time_steps(protector.stage2_step, args.steps, device)}
+    modules = (protector.unet_d, protector.static_unet, protector.vae)
+    saved = {"stage1": autograd_saved_bytes(protector.stage1_step, modules),
+             "stage2": autograd_saved_bytes(protector.stage2_step, modules)}
     data = protector.perturbed_latent_set()
     if protector.trainer is not None:
         timings["stage3"] = time_steps(lambda: protector.stage3_step(data), args.steps, device)
@@ -123,6 +144,7 @@ def main() -> None:
         "seconds_per_step": timings,
         **estimates(timings, cfg),
         "peak_memory": {**memory, "gib": round(memory["bytes"] / 2**30, 3)},
+        "autograd_saved_bytes": saved,
         "torch": torch.__version__,
     }
     text = json.dumps(result, indent=2)

@@ -1,13 +1,17 @@
 """Layer 1 (DSUR + ADFT) on the tiny random model: losses move the right way, bounds hold, resume is exact."""
 
+import logging
+
 import pytest
 import torch
 from conftest import perturbed_unet
+from test_state_io import write_crafted_pickle
 
 from dladiff.config import load_config, with_overrides
 from dladiff.data import model_batch, Portrait
 from dladiff.diffusion.loading import load_sd, load_unet
-from dladiff.layer1 import ADFTProtector, run_layer1
+from dladiff.errors import DladiffError
+from dladiff.layer1 import CHECKPOINT, PREVIOUS_CHECKPOINT, ADFTProtector, load_checkpoint, run_layer1, save_checkpoint
 from dladiff.runtime import Interrupted, StopRequest
 
 CPU = torch.device("cpu")
@@ -128,3 +132,64 @@ def test_gradient_checkpointing_gives_the_same_perturbation(tiny_sd, cfg, images
         protector.stage2_step()
         deltas.append(protector.delta)
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=0)
+
+
+def test_pgd_steps_do_not_track_weight_gradients(tiny_sd, cfg, images):
+    """During stage-1/2 PGD no θd weight requires grad (no activations kept for them); stage 3 trains them."""
+    protector = _protector(tiny_sd, cfg, images)
+    seen = []
+    hook = protector.unet_d.register_forward_pre_hook(
+        lambda module, args: seen.append(any(p.requires_grad for p in module.parameters())))
+    protector.stage1_step()
+    protector.stage2_step()
+    assert seen and not any(seen)
+    assert all(p.grad is None for p in protector.unet_d.parameters())
+    assert all(p.requires_grad for p in protector.trainer.params)
+    seen.clear()
+    protector.stage3_step(protector.perturbed_latent_set())
+    hook.remove()
+    assert seen == [True]
+
+
+def test_damaged_checkpoint_resumes_from_the_one_before(tiny_sd, cfg, images, tmp_path, caplog):
+    """A truncated newest checkpoint: resume from ``layer1.ckpt.prev`` with a warning, same result; both bad: restart."""
+    static = lambda: perturbed_unet(tiny_sd)  # noqa: E731
+    run_dir = tmp_path / "run"
+    full = run_layer1(images, load_sd(str(tiny_sd)), static(), cfg, CPU, run_dir, "fp", quiet=True)
+    newest, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT
+    assert newest.is_file() and previous.is_file()
+    newest.write_bytes(newest.read_bytes()[:-100])
+    with caplog.at_level(logging.INFO, logger="dladiff"):
+        resumed = run_layer1(images, load_sd(str(tiny_sd)), static(), cfg, CPU, run_dir, "fp", resume=True, quiet=True)
+    assert str(newest) in caplog.text and "checkpoint before the damaged one" in caplog.text
+    assert f"at epoch {cfg.layer1.epochs - 1}/" in caplog.text
+    torch.testing.assert_close(resumed.delta, full.delta, atol=0, rtol=0)
+    assert resumed.history == full.history
+    for path in (newest, previous):
+        path.write_bytes(b"\0" * 64)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dladiff"):
+        restarted = run_layer1(images, load_sd(str(tiny_sd)), static(), cfg, CPU, run_dir, "fp", resume=True, quiet=True)
+    assert "starts again from the first epoch" in caplog.text
+    torch.testing.assert_close(restarted.delta, full.delta, atol=0, rtol=0)
+
+
+def test_crafted_checkpoint_is_not_unpickled(tiny_sd, cfg, images, tmp_path, caplog):
+    """A pickle planted as the checkpoint (and its fallback) never runs; it is reported and layer 1 starts afresh."""
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        write_crafted_pickle(run_dir / name, marker)
+    one_epoch = with_overrides(cfg, layer1={"epochs": 1})
+    with caplog.at_level(logging.WARNING, logger="dladiff"):
+        result = run_layer1(images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), one_epoch, CPU, run_dir, "fp",
+                            resume=True, quiet=True)
+    assert not marker.exists()
+    assert str(run_dir / CHECKPOINT) in caplog.text and "not a readable dladiff" in caplog.text
+    assert len(result.history) == 1
+
+
+def test_checkpoint_of_another_run_is_a_clear_error(tiny_sd, cfg, images, tmp_path):
+    protector = _protector(tiny_sd, cfg, images)
+    save_checkpoint(protector.state("other"), tmp_path)
+    with pytest.raises(DladiffError, match="other photos"):
+        load_checkpoint(tmp_path, "fp")

@@ -198,3 +198,17 @@ def test_attention_methods_work_with_gradient_checkpointing(name, tiny_sd, cfg, 
         protector.run_epoch()
         deltas.append(protector.delta)
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=0)
+
+
+def test_prompt_tuning_tracks_no_weight_gradients(tiny_sd, cfg, images):
+    """Anti-Diffusion's prompt tuning differentiates w.r.t. e only: θd's weights are frozen meanwhile."""
+    protector = _protector("anti-diffusion", tiny_sd, cfg, images, method=FAST)
+    seen = []
+    hook = protector.unet_d.register_forward_pre_hook(
+        lambda module, args: seen.append(any(p.requires_grad for p in module.parameters())))
+    text = protector.text.clone()
+    protector.tune_prompt(protector.clean)
+    hook.remove()
+    assert seen and not any(seen)
+    assert not torch.equal(protector.text, text)
+    assert all(p.requires_grad for p in protector.trainer.params) and all(p.grad is None for p in protector.trainer.params)

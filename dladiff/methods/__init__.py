@@ -44,7 +44,8 @@ METHODS: dict[str, type[MethodProtector]] = {
 }
 
 __all__ = ["METHODS", "MethodProtector", "MethodConfig", "MistConfig", "AntiDiffusionConfig", "DisDiffConfig",
-           "method_class", "method_fingerprint", "needs_static_surrogate", "pgd_budget", "run_method"]
+           "method_class", "method_fingerprint", "needs_static_surrogate", "pgd_budget", "run_method",
+           "uses_pretrained_unet"]
 
 
 def method_class(name: str) -> type[MethodProtector]:
@@ -58,6 +59,11 @@ def method_class(name: str) -> type[MethodProtector]:
 def needs_static_surrogate(name: str, cfg: Config) -> bool:
     """Whether method ``name`` with ``cfg`` reads the static surrogate θs (so protect must train or load it)."""
     return method_class(name).needs_static_surrogate(cfg)
+
+
+def uses_pretrained_unet(name: str, cfg: Config) -> bool:
+    """Whether method ``name`` reads the pretrained UNet; when not, callers drop it before the attack (memory)."""
+    return method_class(name).uses_pretrained_unet(cfg)
 
 
 def method_fingerprint(fingerprint: str, name: str, cfg: Config) -> str:

@@ -72,11 +72,15 @@ class AntiDiffusionProtector(MethodProtector):
         return total
 
     def tune_prompt(self, data: LatentSet) -> float:
-        """PT: ``prompt_steps`` AdamW steps on e minimizing the denoising loss of ``data``; returns the last loss."""
+        """PT: ``prompt_steps`` AdamW steps on e minimizing the denoising loss of ``data``; returns the last loss.
+
+        θd's weights are frozen meanwhile: only e gets a gradient.
+        """
         settings = self.settings.anti_diffusion
         embedding = self.text.detach().clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([embedding], lr=settings.prompt_learning_rate)
-        losses = [self._prompt_step(embedding, optimizer, data) for _ in range(settings.prompt_steps)]
+        with self.weights_frozen():
+            losses = [self._prompt_step(embedding, optimizer, data) for _ in range(settings.prompt_steps)]
         self.text = embedding.detach()
         return losses[-1] if losses else float("nan")
 

@@ -64,3 +64,8 @@ class MethodProtector(ADFTProtector):
     def needs_static_surrogate(cls, cfg: Config) -> bool:
         """Whether the method reads the static surrogate θs (default: no)."""
         return False
+
+    @classmethod
+    def uses_pretrained_unet(cls, cfg: Config) -> bool:
+        """Whether the method reads the pretrained UNet (default: yes, as θd's start); if not it is freed."""
+        return True

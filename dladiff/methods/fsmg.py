@@ -2,7 +2,8 @@
 
 PGD ascent on the denoising loss (Eq. 3) of a fixed model DreamBooth-tuned on clean photos of the
 identity. Our static surrogate θs (Eq. 7) is exactly such a model, so FSMG is stage 2 of the engine
-with θs in the place of θd and no stage 1 or 3.
+with θs in the place of θd and no stage 1 or 3. The pretrained UNet is not used, so ``protect``
+frees it before the attack (:meth:`uses_pretrained_unet`).
 
 Kept: the fixed clean-data DreamBooth model and the untargeted denoising loss.
 Changed: the budget is the shared one, E·(n1 + n2) PGD steps (300 with the default config) with
@@ -36,3 +37,7 @@ class FSMGProtector(MethodProtector):
     @classmethod
     def needs_static_surrogate(cls, cfg: Config) -> bool:
         return True
+
+    @classmethod
+    def uses_pretrained_unet(cls, cfg: Config) -> bool:
+        return False
