@@ -72,7 +72,7 @@ def train_set_a_surrogate(identity_dir: Path, out_dir: Path, cfg: Config, quiet:
     set_a = surrogate_folder(identity_dir)
     if set_a is None or not (cfg.layer1.dsur and cfg.layer1.stage1_steps > 0):
         return None
-    portraits, _ = load_folder(set_a)
+    portraits, _ = load_folder(set_a, cfg.input.max_megapixels)
     device = select_device(cfg.runtime.device)
     components = load_sd(cfg.model.id, cfg.model.revision, device)
     return finetune_surrogate(portraits, components, cfg, out_dir / "surrogate", device, quiet)

@@ -40,7 +40,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def test_photo(width: int, height: int) -> np.ndarray:
+def bench_photo(width: int, height: int) -> np.ndarray:
     """scikit-image's astronaut enlarged to ``width`` x ``height`` (uint8 RGB)."""
     from PIL import Image
     from skimage import data
@@ -71,7 +71,7 @@ def write_phase(width: int, height: int, resolution: int = 512, repeats: int = 3
     from dladiff.data import apply_perturbation, encode_png, linf_255, psnr
     from dladiff.protect import save_checked_png
 
-    pixels = test_photo(width, height)
+    pixels = bench_photo(width, height)
     delta = torch.sign(torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(0))) * 0.05
     bound = 0.05 * 127.5
     rss_before = rss_now()
@@ -101,38 +101,54 @@ def write_phase(width: int, height: int, resolution: int = 512, repeats: int = 3
             "peak_rss_gb": round(peak_rss() / GB, 3)}
 
 
-def encode_parts(pixels: np.ndarray, level: int, repeats: int = 3) -> dict:
-    """PNG encode and decode seconds (best of ``repeats``) and size at one zlib level."""
+def encode_row(name: str, encode, repeats: int = 3) -> dict:
+    """Encode seconds (best wall and CPU of ``repeats``), PIL decode seconds and size of one encoder setting."""
     import io
 
     from PIL import Image
 
-    encode, decode = [], []
-    for _ in range(repeats):
+    buffers = []
+
+    def run():
         buf = io.BytesIO()
-        start = time.perf_counter()
-        Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=level)
-        encode.append(time.perf_counter() - start)
-        buf.seek(0)
-        start = time.perf_counter()
-        with Image.open(buf) as img:
+        encode(buf)
+        buffers.append(buf)
+
+    encode_s = timed(run, repeats)
+    data = buffers[-1].getvalue()
+
+    def decode():
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
             np.asarray(img)
-        decode.append(time.perf_counter() - start)
-    return {"level": level, "encode_s": round(min(encode), 4), "decode_s": round(min(decode), 4),
-            "bytes": len(buf.getvalue())}
+
+    return {"encoder": name, "encode_s": encode_s, "decode_s": timed(decode, repeats), "bytes": len(data)}
 
 
 def levels_phase(width: int, height: int) -> dict:
-    """Size against time of every zlib level, on a perturbed photo as the tool writes it."""
+    """Size against time: PIL's zlib levels 0-9 (default strategy), PIL with Z_RLE / Z_HUFFMAN_ONLY, and
+    dladiff.png (Average filter, Z_RLE, strips on 1 and 2 threads), on a perturbed photo as the tool writes it."""
+    import zlib
+
     import torch
+    from PIL import Image
 
     from dladiff.data import apply_perturbation
+    from dladiff.png import write_png
 
-    pixels = test_photo(width, height)
+    pixels = bench_photo(width, height)
     delta = torch.sign(torch.randn(3, 512, 512, generator=torch.Generator().manual_seed(0))) * 0.05
     out = apply_perturbation(pixels, delta, 0.05 * 127.5)
-    return {"phase": "levels", "width": width, "height": height, "raw_bytes": out.nbytes,
-            "levels": [encode_parts(out, level) for level in range(10)]}
+    image = Image.fromarray(out, "RGB")
+
+    def pil(**options):
+        return lambda buf: image.save(buf, format="PNG", **options)
+
+    rows = [encode_row(f"PIL compress_level={level}", pil(compress_level=level)) for level in range(10)]
+    rows += [encode_row(f"PIL compress_level=1 compress_type={name}", pil(compress_level=1, compress_type=value))
+             for name, value in (("Z_RLE", zlib.Z_RLE), ("Z_HUFFMAN_ONLY", zlib.Z_HUFFMAN_ONLY))]
+    rows += [encode_row(f"dladiff.png threads={n}", lambda buf, n=n: write_png(out, buf, threads=n)) for n in (1, 2)]
+    return {"phase": "levels", "width": width, "height": height, "raw_bytes": out.nbytes, "rows": rows}
 
 
 def protect_phase(width: int, height: int, config: str, layers: str) -> dict:
@@ -142,7 +158,7 @@ def protect_phase(width: int, height: int, config: str, layers: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         photos = Path(tmp) / "photos"
         photos.mkdir()
-        Image.fromarray(test_photo(width, height)).save(photos / "big.png", compress_level=1)
+        Image.fromarray(bench_photo(width, height)).save(photos / "big.png", compress_level=1)
         cmd = [sys.executable, "-c", "from dladiff.cli import main; main()", "protect", str(photos), "--out", str(Path(tmp) / "out"),
                "--config", config, "--layers", layers, "--quiet"]
         start = time.perf_counter()
