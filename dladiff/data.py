@@ -238,7 +238,7 @@ def _loader_crop(height: int, width: int, resolution: int) -> tuple[int, int, in
     return new_h, new_w, int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
 
 
-def _axis_taps(n_photo: int, n_loader: int, offset: int, resolution: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _axis_taps(n_photo: int, n_loader: int, offset: int, resolution: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """Photo pixels covered by the loader's crop along one axis, and their bilinear taps in the model frame.
 
     Model pixel ``k`` covers photo coordinates ``[(offset + k)·s, (offset + k + 1)·s)`` with
@@ -251,8 +251,7 @@ def _axis_taps(n_photo: int, n_loader: int, offset: int, resolution: int) -> tup
     first, last = max(0, int(np.ceil(start - 0.5))), min(n_photo - 1, int(np.floor(stop - 0.5)))
     u = np.clip((np.arange(first, last + 1) + 0.5 - start) / scale - 0.5, 0, resolution - 1)
     i0 = np.floor(u).astype(np.int64)
-    i1 = np.minimum(i0 + 1, resolution - 1)
-    return first, torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy(u - i0).float()
+    return first, i0, np.minimum(i0 + 1, resolution - 1), (u - i0).astype(np.float32)
 
 
 def model_frame(pixels: np.ndarray, resolution: int) -> torch.Tensor:
@@ -280,22 +279,24 @@ def model_batch(portraits: list[Portrait], resolution: int) -> torch.Tensor:
 def delta_strips(delta: torch.Tensor, height: int, width: int):
     """δ ``(C, R, R)`` (model frame) mapped back into a ``height`` x ``width`` photo, a strip at a time.
 
-    Yields ``(top, left, strip)``: ``strip`` ``(C, rows, cols)`` is δ at the photo pixels from
-    (top, left), inside the window the loader crops (:func:`model_frame`); δ is 0 elsewhere. Each
-    value is a convex combination of δ's (bilinear taps of :func:`_axis_taps`), so the bound holds,
-    and cropping the result as the loader does gives back δ up to the loader's own resampling.
+    Yields ``(top, left, strip)``: ``strip`` ``(rows, cols, C)`` float32 is δ at the photo pixels
+    from (top, left), inside the window the loader crops (:func:`model_frame`); δ is 0 elsewhere.
+    Each value is a convex combination of δ's (bilinear taps of :func:`_axis_taps`), so the bound
+    holds, and cropping the result as the loader does gives back δ up to the loader's resampling.
     """
     resolution = delta.shape[-1]
     new_h, new_w, top, left = _loader_crop(height, width, resolution)
     y0, r0, r1, rw = _axis_taps(height, new_h, top, resolution)
     x0, c0, c1, cw = _axis_taps(width, new_w, left, resolution)
-    by_col = delta.transpose(1, 2).contiguous()  # gathers along a contiguous axis are fast
-    cols = (torch.index_select(by_col, 1, c0) * (1 - cw)[:, None]
-            + torch.index_select(by_col, 1, c1) * cw[:, None]).transpose(1, 2).contiguous()  # (C, R, cols)
+    frame = delta.detach().float().cpu().permute(1, 2, 0).numpy()  # (R, R, C), the photo's layout
+    cols = frame[:, c0] * (1 - cw)[:, None] + frame[:, c1] * cw[:, None]  # (R, cols, C)
     for start in range(0, len(r0), STRIP_ROWS):
-        w = rw[start:start + STRIP_ROWS, None]
-        strip = torch.index_select(cols, 1, r0[start:start + STRIP_ROWS]).mul_(1 - w)
-        yield y0 + start, x0, strip.addcmul_(torch.index_select(cols, 1, r1[start:start + STRIP_ROWS]), w)
+        rows = slice(start, start + STRIP_ROWS)
+        weight = rw[rows, None, None]
+        strip = cols[r0[rows]]
+        strip *= 1 - weight
+        strip += cols[r1[rows]] * weight
+        yield y0 + start, x0, strip
 
 
 def _strips(*arrays: np.ndarray):
@@ -334,10 +335,11 @@ def apply_perturbation(pixels: np.ndarray, delta: torch.Tensor, bound_255: float
         delta = delta.mean(0, keepdim=True).expand(3, -1, -1)
     out = pixels.copy()
     for top, left, strip in delta_strips(delta * 127.5, *pixels.shape[:2]):
-        step = strip.round_().clamp_(-limit, limit).to(torch.int16).permute(1, 2, 0).numpy()
-        rows = out[top:top + step.shape[0], left:left + step.shape[1]]
-        step += rows
-        rows[...] = step.clip(0, 255, out=step)
+        rows = out[top:top + strip.shape[0], left:left + strip.shape[1]]
+        np.rint(strip, out=strip)
+        np.clip(strip, -limit, limit, out=strip)
+        strip += rows
+        rows[...] = np.clip(strip, 0, 255, out=strip)
     return out
 
 

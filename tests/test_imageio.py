@@ -195,7 +195,7 @@ def test_delta_strips_of_a_square_photo_equal_the_convex_resize():
     for height in (64, 300, STRIP_ROWS * 2 + 5):
         strips = list(delta_strips(delta, height, height))
         assert len(strips) == -(-height // STRIP_ROWS) and all(top % STRIP_ROWS == 0 and left == 0 for top, left, _ in strips)
-        full = torch.cat([s for _, _, s in strips], dim=1)
+        full = torch.from_numpy(np.concatenate([s for _, _, s in strips])).permute(2, 0, 1)
         assert torch.allclose(full, resize(delta[None], (height, height))[0], atol=1e-4)  # float32 rounding
         assert full.abs().max() <= delta.abs().max() + 1e-6
 
@@ -247,3 +247,26 @@ def test_bound_violation_writes_nothing(tmp_path, real_photos):
     with pytest.raises(Exception, match="bound"):
         save_checked_png(worse, pixels, 6, tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_evaluation_attacker_trains_on_the_loaders_crop(tmp_path, tiny_sd, real_photos, monkeypatch):
+    import dladiff.evaluate.dreambooth as dreambooth
+    from dladiff.diffusion.loading import load_sd
+    from dladiff.evaluate.attack import AttackContext
+    from dladiff.evaluate.config import load_evaluate_config
+
+    Image.fromarray(photo(real_photos, 300, 200)).save(tmp_path / "wide.png")
+    photos, _ = load_folder(tmp_path)
+    cfg = load_evaluate_config("smoke")
+    seen = []
+
+    def capture(vae, batch, *args, **kwargs):
+        seen.append(batch)
+        raise StopIteration
+
+    monkeypatch.setattr(dreambooth, "encode_images", capture)
+    ctx = AttackContext("alice", photos, tmp_path / "db", tmp_path, cfg, torch.device("cpu"), quiet=True)
+    with pytest.raises(StopIteration):
+        dreambooth.finetune(load_sd(str(tiny_sd)), cfg.dreambooth, ctx, None, False, None, "test")
+    expected = dreambooth_loader(cfg.model.resolution)(Image.open(tmp_path / "wide.png").convert("RGB"))
+    assert torch.equal(seen[0][0], expected)
