@@ -35,7 +35,7 @@ from dladiff.png import write_png
 log = logging.getLogger("dladiff")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-STRIP_ROWS = 512
+STRIP_ROWS = 64
 """Rows of a photo processed at once by the full-size pixel functions."""
 
 
@@ -289,13 +289,13 @@ def delta_strips(delta: torch.Tensor, height: int, width: int):
     y0, r0, r1, rw = _axis_taps(height, new_h, top, resolution)
     x0, c0, c1, cw = _axis_taps(width, new_w, left, resolution)
     frame = delta.detach().float().cpu().permute(1, 2, 0).numpy()  # (R, R, C), the photo's layout
-    cols = frame[:, c0] * (1 - cw)[:, None] + frame[:, c1] * cw[:, None]  # (R, cols, C)
+    cols = np.take(frame, c0, axis=1) * (1 - cw)[:, None] + np.take(frame, c1, axis=1) * cw[:, None]  # (R, cols, C)
     for start in range(0, len(r0), STRIP_ROWS):
         rows = slice(start, start + STRIP_ROWS)
         weight = rw[rows, None, None]
-        strip = cols[r0[rows]]
+        strip = np.take(cols, r0[rows], axis=0)
         strip *= 1 - weight
-        strip += cols[r1[rows]] * weight
+        strip += np.take(cols, r1[rows], axis=0) * weight
         yield y0 + start, x0, strip
 
 
