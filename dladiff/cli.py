@@ -200,7 +200,7 @@ def finetune_surrogate_cmd(
     try:
         cfg = _load(config, model, device, seed)
         check_output_folder(photos, out)
-        portraits, skipped = load_folder(photos)
+        portraits, skipped = load_folder(photos, cfg.input.max_megapixels)
         for s in skipped:
             logging.getLogger("dladiff").warning("skipping %s", s.reason)
         dev = select_device(cfg.runtime.device)

@@ -182,6 +182,17 @@ class EOTConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """Which photos are read: a pixel ceiling, checked from the file's header before decoding."""
+
+    max_megapixels: float = 100.0  # 10^6 pixels; a larger photo is skipped with a message (memory ~ 3 bytes/pixel per copy)
+
+
+PIL_MAX_MEGAPIXELS = 178.9
+"""PIL refuses to open more than 2 × ``Image.MAX_IMAGE_PIXELS`` (178 956 970) pixels as a decompression bomb."""
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: model, runtime, prompts, surrogate and both layers."""
 
@@ -193,6 +204,7 @@ class Config:
     layer2: Layer2Config = field(default_factory=Layer2Config)
     method: MethodConfig = field(default_factory=MethodConfig)
     eot: EOTConfig = field(default_factory=EOTConfig)
+    input: InputConfig = field(default_factory=InputConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -299,6 +311,8 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (1 <= cfg.eot.jpeg_quality[0] <= cfg.eot.jpeg_quality[1] <= 100, "eot.jpeg_quality must be [low, high] within 1..100"),
         (0 < cfg.eot.resize_scale[0] <= cfg.eot.resize_scale[1] <= 1, "eot.resize_scale must be [low, high] within (0, 1]"),
         (0 <= cfg.eot.blur_sigma[0] <= cfg.eot.blur_sigma[1], "eot.blur_sigma must be [low, high] with 0 <= low <= high"),
+        (0 < cfg.input.max_megapixels <= PIL_MAX_MEGAPIXELS,
+         f"input.max_megapixels must be in (0, {PIL_MAX_MEGAPIXELS}] (10^6 pixels; above it PIL refuses the file)"),
     ]
     for ok, message in checks:
         if not ok:

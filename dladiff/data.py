@@ -1,8 +1,13 @@
 """Loading and saving portraits.
 
-Photos are read with PIL (JPEG, PNG, WebP, ...), EXIF orientation applied, and converted to 8-bit
-RGB (RGBA is composited on white, greyscale replicated, 16-bit scaled down). In memory a photo is
-an ``(H, W, 3) uint8`` array; tensors for the models are ``(N, 3, H, W) float32`` in [-1, 1].
+Photos are read with PIL (JPEG, PNG, WebP, ...), EXIF orientation applied, embedded ICC profiles
+converted to sRGB, and converted to 8-bit RGB (RGBA is composited on white, greyscale replicated,
+16-bit scaled down; a greyscale photo's output is greyscale too). A photo above
+``input.max_megapixels`` is refused from its header, before any pixel is decoded. In memory a photo is an ``(H, W, 3) uint8`` array; tensors
+for the models are ``(N, 3, R, R) float32`` in [-1, 1]: each photo as DreamBooth's data loader
+gives it (resize of the short side to R, then centre crop), and δ1 goes back into that window.
+Full-size work (δ brought back to the photo, PSNR, L∞) runs in row strips of
+:data:`STRIP_ROWS` so that memory stays a few copies of the uint8 photo.
 Outputs are lossless PNG without metadata, written atomically (temporary file, fsync, then rename);
 a failed write (a full disk) is a clear error that names the file.
 """
@@ -11,20 +16,29 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
+import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from dladiff.config import InputConfig
 from dladiff.errors import DladiffError, InputError
+from dladiff.png import write_png
+
+log = logging.getLogger("dladiff")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+STRIP_ROWS = 64
+"""Rows of a photo processed at once by the full-size pixel functions."""
 
 
 @dataclass(frozen=True)
@@ -55,37 +69,92 @@ class SkippedFile:
 
 def _to_rgb8(img: Image.Image) -> np.ndarray:
     """Convert any PIL mode (RGBA, LA, P, L, I;16, I, F, CMYK, ...) to ``(H, W, 3) uint8`` RGB."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        arr = np.clip(np.round(arr * np.float32(255.0 / top)), 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    return np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
 
 
-def load_portrait(path: Path) -> Portrait:
-    """Read one photo; raises :class:`InputError` naming the file if PIL cannot decode it."""
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _to_srgb(img: Image.Image, path: Path) -> Image.Image:
+    """``img`` converted from its embedded RGB or CMYK ICC profile to sRGB (unchanged without one).
+
+    Profiles describing sRGB are left alone; grey profiles too (the output stays greyscale).
+    """
+    icc = img.info.get("icc_profile")
+    if not icc:
+        return img
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    except (OSError, ImageCms.PyCMSError) as exc:
+        log.warning("%s: unreadable ICC profile ignored (%s); colours read as sRGB", path, exc)
+        return img
+    space = source.profile.xcolor_space.strip()
+    if "srgb" in (source.profile.profile_description or "").lower() or (space, img.mode) not in (
+            ("RGB", "RGB"), ("RGB", "RGBA"), ("CMYK", "CMYK")):
+        return img
+    alpha = img.getchannel("A") if img.mode == "RGBA" else None
+    converted = ImageCms.profileToProfile(img.convert("RGB") if alpha else img, source, SRGB, outputMode="RGB")
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
+
+
+def check_pixel_count(path: Path, size: tuple[int, int], max_megapixels: float) -> None:
+    """Refuse a photo above ``max_megapixels`` (10⁶ pixels) from its header size, before decoding."""
+    width, height = size
+    if width * height > max_megapixels * 1e6:
+        raise InputError(f"{path}: {width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
+                         f"{max_megapixels:g} (input.max_megapixels); downscale the photo or raise the limit")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_portrait(path: Path, max_megapixels: float = InputConfig.max_megapixels) -> Portrait:
+    """Read one photo; raises :class:`InputError` naming the file if it cannot be used.
+
+    The pixel count is checked from the header first (``max_megapixels``; PIL's decompression-bomb
+    ceiling, 2 × ``Image.MAX_IMAGE_PIXELS``, is reported the same way). A file with several frames
+    (GIF, TIFF, WebP) gives a warning and its first frame is used.
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        sha256 = _sha256(path)
     except OSError as exc:
         raise InputError(f"{path}: cannot read the file ({exc.strerror})") from None
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            pixels = _to_rgb8(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_megapixels decides, below
+            with Image.open(path) as img:
+                check_pixel_count(path, img.size, max_megapixels)
+                frames = getattr(img, "n_frames", 1)
+                if frames > 1:
+                    log.warning("%s: the file holds %d frames; only the first is protected", path, frames)
+                img.load()
+                pixels = _to_rgb8(_to_srgb(ImageOps.exif_transpose(img), path))
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: too many pixels ({exc}); downscale the photo") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImageCms.PyCMSError) as exc:
         raise InputError(f"{path}: not a readable image ({exc}); remove it or convert it to PNG/JPEG") from None
     if pixels.shape[0] < 8 or pixels.shape[1] < 8:
         raise InputError(f"{path}: image is too small ({pixels.shape[1]}x{pixels.shape[0]} pixels)")
-    return Portrait(path=path, pixels=pixels, sha256=hashlib.sha256(raw).hexdigest())
+    return Portrait(path=path, pixels=pixels, sha256=sha256)
 
 
 def list_photo_files(folder: Path) -> list[Path]:
@@ -105,12 +174,12 @@ def list_photo_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_folder(folder: Path) -> tuple[list[Portrait], list[SkippedFile]]:
+def load_folder(folder: Path, max_megapixels: float = InputConfig.max_megapixels) -> tuple[list[Portrait], list[SkippedFile]]:
     """Load every photo of ``folder``; unreadable files are returned as skipped, not raised."""
     portraits, skipped = [], []
     for path in list_photo_files(folder):
         try:
-            portraits.append(load_portrait(path))
+            portraits.append(load_portrait(path, max_megapixels))
         except InputError as exc:
             skipped.append(SkippedFile(path, str(exc)))
     names = [p.output_name for p in portraits]
@@ -157,35 +226,134 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(F.interpolate(x, size=(min(h, size[0]), min(w, size[1])), mode="area"), size=size, mode="bilinear", align_corners=False)
 
 
+def loader_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(H, W) after ``torchvision.transforms.Resize(resolution)``: the short side becomes
+    ``resolution``, the long side ``int(resolution · long / short)``."""
+    if height <= width:
+        return resolution, int(resolution * width / height)
+    return int(resolution * height / width), resolution
+
+
+def _loader_crop(height: int, width: int, resolution: int) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left): torchvision's Resize(R) size and CenterCrop(R) offsets."""
+    new_h, new_w = loader_size(height, width, resolution)
+    return new_h, new_w, int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+
+
+def _axis_taps(n_photo: int, n_loader: int, offset: int, resolution: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Photo pixels covered by the loader's crop along one axis, and their bilinear taps in the model frame.
+
+    Model pixel ``k`` covers photo coordinates ``[(offset + k)·s, (offset + k + 1)·s)`` with
+    ``s = n_photo / n_loader``. Returns ``(first, i0, i1, w1)``: photo pixels ``first ..
+    first + len(i0) − 1`` have centres inside the crop, and each reads ``(1 − w1)·δ[i0] + w1·δ[i1]``
+    (bilinear, ``align_corners=False``, clamped at the crop's edges): a convex combination.
+    """
+    scale = n_photo / n_loader
+    start, stop = offset * scale, (offset + resolution) * scale
+    first, last = max(0, int(np.ceil(start - 0.5))), min(n_photo - 1, int(np.floor(stop - 0.5)))
+    u = np.clip((np.arange(first, last + 1) + 0.5 - start) / scale - 0.5, 0, resolution - 1)
+    i0 = np.floor(u).astype(np.int64)
+    return first, i0, np.minimum(i0 + 1, resolution - 1), (u - i0).astype(np.float32)
+
+
+def model_frame(pixels: np.ndarray, resolution: int) -> torch.Tensor:
+    """``(1, 3, R, R)`` in [-1, 1]: the photo as DreamBooth's data loader gives it to the model.
+
+    Exactly ``Resize(R, BILINEAR)`` then ``CenterCrop(R)`` of torchvision on the PIL image (the
+    pipeline of diffusers' ``train_dreambooth.py``): PIL's antialiased bilinear resize of the whole
+    photo to :func:`loader_size`, then the centre ``R``² (torchvision's rounding), then
+    ``x / 127.5 - 1``. Layer 1 optimizes δ1 in this frame, and the evaluation's attacker trains on it.
+    """
+    height, width = pixels.shape[:2]
+    new_h, new_w, top, left = _loader_crop(height, width, resolution)
+    image = Image.fromarray(pixels, "RGB")
+    if (new_h, new_w) != (height, width):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    crop = np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+    return torch.from_numpy(crop.astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
 def model_batch(portraits: list[Portrait], resolution: int) -> torch.Tensor:
-    """Stack photos resized to ``resolution``² into ``(N, 3, R, R)`` in [-1, 1]."""
-    return torch.cat([resize(to_tensor(p.pixels), (resolution, resolution)) for p in portraits])
+    """Stack the photos' model frames (:func:`model_frame`) into ``(N, 3, R, R)`` in [-1, 1]."""
+    return torch.cat([model_frame(p.pixels, resolution) for p in portraits])
+
+
+def delta_strips(delta: torch.Tensor, height: int, width: int):
+    """δ ``(C, R, R)`` (model frame) mapped back into a ``height`` x ``width`` photo, a strip at a time.
+
+    Yields ``(top, left, strip)``: ``strip`` ``(rows, cols, C)`` float32 is δ at the photo pixels
+    from (top, left), inside the window the loader crops (:func:`model_frame`); δ is 0 elsewhere.
+    Each value is a convex combination of δ's (bilinear taps of :func:`_axis_taps`), so the bound
+    holds, and cropping the result as the loader does gives back δ up to the loader's resampling.
+    """
+    resolution = delta.shape[-1]
+    new_h, new_w, top, left = _loader_crop(height, width, resolution)
+    y0, r0, r1, rw = _axis_taps(height, new_h, top, resolution)
+    x0, c0, c1, cw = _axis_taps(width, new_w, left, resolution)
+    frame = delta.detach().float().cpu().permute(1, 2, 0).numpy()  # (R, R, C), the photo's layout
+    cols = np.take(frame, c0, axis=1) * (1 - cw)[:, None] + np.take(frame, c1, axis=1) * cw[:, None]  # (R, cols, C)
+    for start in range(0, len(r0), STRIP_ROWS):
+        rows = slice(start, start + STRIP_ROWS)
+        weight = rw[rows, None, None]
+        strip = np.take(cols, r0[rows], axis=0)
+        strip *= 1 - weight
+        strip += np.take(cols, r1[rows], axis=0) * weight
+        yield y0 + start, x0, strip
+
+
+def _strips(*arrays: np.ndarray):
+    """The same strips of rows of arrays of equal height."""
+    for r0 in range(0, arrays[0].shape[0], STRIP_ROWS):
+        yield tuple(a[r0:r0 + STRIP_ROWS] for a in arrays)
+
+
+def is_greyscale(pixels: np.ndarray) -> bool:
+    """Whether an ``(H, W, 3)`` photo has R = G = B everywhere (a greyscale input)."""
+    return all(np.array_equal(s[..., 0], s[..., 1]) and np.array_equal(s[..., 0], s[..., 2]) for (s,) in _strips(pixels))
+
+
+def grey_of(pixels: np.ndarray) -> np.ndarray:
+    """``(H, W)`` uint8: the rounded mean of the three channels.
+
+    If every channel of ``pixels`` is within ``k`` (an integer) of a grey photo ``g``, so is the mean,
+    and rounding keeps it within ``k`` since ``g`` is an integer: the bound survives.
+    """
+    total = pixels.sum(axis=2, dtype=np.uint16)
+    return ((total + 1) // 3).astype(np.uint8)
 
 
 def apply_perturbation(pixels: np.ndarray, delta: torch.Tensor, bound_255: float) -> np.ndarray:
-    """Add ``delta`` ((3, h, w), [-1,1] units, any size) to ``pixels`` and quantize to uint8.
+    """Add δ1 ``(3, R, R)`` ([-1, 1] units, the model frame) to the photo and quantize to uint8.
 
-    ``delta`` is resized to the photo's size (convex, bound-preserving), added in 0-255 units,
-    rounded, and the difference is clipped to ``floor(bound_255)`` so that quantization can never
-    push the saved photo past the bound.
+    δ goes back into the window of the photo that the attacker's loader crops (:func:`delta_strips`,
+    convex, bound-preserving); outside it the photo is unchanged. It is rounded in 0-255 units and
+    clipped to ``floor(bound_255)``, so that quantization can never push the saved photo past the
+    bound. On a greyscale photo δ is averaged over the channels, so the output stays grey. Runs in
+    strips of rows: memory is the output plus a few strips.
     """
-    h, w = pixels.shape[:2]
-    d255 = resize(delta.detach().float().cpu().unsqueeze(0), (h, w))[0].permute(1, 2, 0).numpy() * 127.5
-    base = pixels.astype(np.float64)
-    out = np.clip(np.round(base + d255), 0, 255)
     limit = np.floor(bound_255 + 1e-6)
-    out = np.clip(out, base - limit, base + limit)
-    return out.astype(np.uint8)
+    delta = delta.detach().float().cpu()
+    if is_greyscale(pixels):
+        delta = delta.mean(0, keepdim=True).expand(3, -1, -1)
+    out = pixels.copy()
+    for top, left, strip in delta_strips(delta * 127.5, *pixels.shape[:2]):
+        rows = out[top:top + strip.shape[0], left:left + strip.shape[1]]
+        np.rint(strip, out=strip)
+        np.clip(strip, -limit, limit, out=strip)
+        strip += rows
+        rows[...] = np.clip(strip, 0, 255, out=strip)
+    return out
 
 
 def linf_255(a: np.ndarray, b: np.ndarray) -> float:
     """L∞ distance of two uint8 images in 0-255 units."""
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+    return float(max(np.abs(x.astype(np.int16) - y).max() for x, y in _strips(a, b)))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images (peak 255); ``inf`` when identical. Higher = closer."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    sse = sum(int(np.square(x.astype(np.int32) - y).sum(dtype=np.int64)) for x, y in _strips(a, b))
+    mse = sse / a.size
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
@@ -232,9 +400,14 @@ def write_error_message(path: Path, exc: OSError) -> str:
     return f"{path}: cannot write it ({exc.strerror or exc}); check that its folder is writable and run the command again"
 
 
+def encode_png(pixels: np.ndarray, target) -> None:
+    """Encode ``(H, W, 3)`` (RGB) or ``(H, W)`` (greyscale) uint8 as PNG without metadata (:mod:`dladiff.png`)."""
+    write_png(pixels, target)
+
+
 def save_png(pixels: np.ndarray, path: Path) -> None:
     """Write ``(H, W, 3) uint8`` as a lossless PNG with no metadata, atomically."""
-    atomic_write(Path(path), lambda tmp: Image.fromarray(pixels, "RGB").save(tmp, format="PNG"))
+    atomic_write(Path(path), lambda tmp: encode_png(pixels, tmp))
 
 
 def save_json(data: dict, path: Path) -> None:

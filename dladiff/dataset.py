@@ -76,7 +76,7 @@ def train_set_a_surrogate(identity_dir: Path, out_dir: Path, cfg: Config, compon
     set_a = surrogate_folder(identity_dir)
     if set_a is None or not needs_static_surrogate(cfg.method.name, cfg):
         return None
-    portraits, _ = load_folder(set_a)
+    portraits, _ = load_folder(set_a, cfg.input.max_megapixels)
     return finetune_surrogate(portraits, components, cfg, out_dir / "surrogate", select_device(cfg.runtime.device), quiet)
 
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from dladiff import __version__
 from dladiff.config import Config, config_to_dict
-from dladiff.data import (Portrait, SkippedFile, atomic_write, apply_perturbation, check_output_folder, linf_255,
-                          load_folder, model_batch, psnr, save_json)
+from dladiff.data import (Portrait, SkippedFile, atomic_write, apply_perturbation, check_output_folder, encode_png,
+                          grey_of, is_greyscale, linf_255, load_folder, model_batch, psnr, save_json)
 from dladiff.errors import BoundViolationError, DladiffError
 from dladiff.runtime import StopRequest, select_device
 
@@ -60,16 +60,23 @@ def allowed_linf_255(cfg: Config, layers: tuple[int, ...]) -> float:
 def save_checked_png(pixels: np.ndarray, reference: np.ndarray, limit_255: float, path: Path) -> float:
     """Write ``pixels`` as PNG atomically after re-reading it and checking ‖saved − reference‖∞.
 
-    Raises :class:`BoundViolationError` (and writes nothing) if the saved file exceeds the bound;
-    returns the measured L∞ distance in 0-255 units.
+    A greyscale ``reference`` (R = G = B) is saved greyscale: the rounded mean of the channels,
+    which keeps the bound (:func:`~dladiff.data.grey_of`). The check runs on the decoded file,
+    without other full-size copies. Raises :class:`BoundViolationError` (and writes nothing) if the
+    saved file exceeds the bound; returns the measured L∞ distance in 0-255 units.
     """
+    grey = is_greyscale(reference)
+    data = grey_of(pixels) if grey else pixels
     measured = {}
 
     def write(tmp: Path) -> None:
-        Image.fromarray(pixels, "RGB").save(tmp, format="PNG")
+        encode_png(data, tmp)
         with Image.open(tmp) as img:
-            saved = np.asarray(img.convert("RGB"))
-        measured["linf"] = linf_255(saved, reference)
+            img.load()
+            if img.mode != ("L" if grey else "RGB") or img.size != (reference.shape[1], reference.shape[0]):
+                raise BoundViolationError(f"{path}: the re-read file is {img.mode} {img.size}, not the photo written; not written")
+            saved = np.asarray(img)
+        measured["linf"] = linf_255(saved, reference[..., 0] if grey else reference)
         if measured["linf"] > limit_255:
             raise BoundViolationError(f"{path}: L∞ {measured['linf']} > bound {limit_255} (0-255 units); not written")
 
@@ -166,7 +173,7 @@ def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[i
     if not layers or any(layer not in (1, 2) for layer in layers):
         raise DladiffError(f"--layers must name layers 1 and/or 2, got {layers}")
     check_output_folder(photos_dir, out_dir)
-    portraits, skipped = load_folder(photos_dir)
+    portraits, skipped = load_folder(photos_dir, cfg.input.max_megapixels)
     for s in skipped:
         log.warning("skipping %s", s.reason)
     device = select_device(cfg.runtime.device) if 1 in layers else torch.device("cpu")

@@ -4,6 +4,7 @@
     python scripts/bench.py --config configs/default.yaml --arch sd21-base-random --images 4
     python scripts/bench.py --config smoke                     # the tiny model, CPU
     python scripts/bench.py --config smoke --out bench.json    # also write the JSON to a file
+    python scripts/bench.py --config smoke --write             # plus the output step of one 3 MP photo
 
 ``--arch sd21-base-random`` builds the real SD-2.1-base architecture with random weights from the
 config shipped in the package (no download; about 5 GB written once to the dladiff cache), so GPU
@@ -15,11 +16,15 @@ device, ``autograd_saved_bytes`` is what autograd keeps for the backward pass du
 Estimates for one identity: layer 1 = E × (n1·t1 + n2·t2 + n3·t3); the static surrogate =
 ``surrogate.steps`` × t3 (a surrogate step is the same DreamBooth step as stage 3, on clean latents);
 their sum is the whole layer-1 run.
+``--write`` adds a ``write`` phase: seconds of each part of writing one full-size output (δ into
+the photo, PNG encode, re-read and bound check, PSNR) and its peak RSS, measured by
+``scripts/bench_io.py write`` in a fresh process.
 """
 
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +48,18 @@ def parse_args():
     parser.add_argument("--device", default=None, help="override runtime.device")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
+    parser.add_argument("--write", action="store_true", help="add the output-writing phase (one photo, see --write-size)")
+    parser.add_argument("--write-size", default="2000x1500", help="WIDTHxHEIGHT of the photo of the write phase (pixels)")
     return parser.parse_args()
+
+
+def write_phase(size: str) -> dict:
+    """The output step of one photo, measured by bench_io.py in a fresh process (its own peak RSS)."""
+    width, height = size.lower().split("x")
+    script = Path(__file__).with_name("bench_io.py")
+    done = subprocess.run([sys.executable, str(script), "write", "--width", width, "--height", height],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
 
 
 def model_folder(args, cfg) -> str:
@@ -147,6 +163,8 @@ def main() -> None:
         "autograd_saved_bytes": saved,
         "torch": torch.__version__,
     }
+    if args.write:
+        result["write"] = write_phase(args.write_size)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

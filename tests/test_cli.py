@@ -32,7 +32,7 @@ def test_protect_smoke_end_to_end(photo_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [e["output"] for e in report["images"]] == ["astronaut.png", "grey.png", "group.png", "hanks.png"]
     for entry in report["images"]:
-        saved = np.asarray(Image.open(out / entry["output"]))
+        saved = np.asarray(Image.open(out / entry["output"]).convert("RGB"))  # grey.png comes back greyscale (L)
         original = np.asarray(Image.open(photo_dir / entry["input"]).convert("RGB"))
         assert saved.shape == original.shape
         measured = np.abs(saved.astype(int) - original.astype(int)).max()
