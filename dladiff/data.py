@@ -228,11 +228,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp)`` on a short temporary name beside ``path``, then rename it to ``path``.
 
-    The temporary name (``.dladiff-tmp-<random>``) stays short, so any name the file system
+    The temporary name (``.dladiff-tmp-<random>.tmp``) stays short, so any name the file system
     allows for ``path`` works; it is created with mode 0o666 less the umask, as ``open()`` would.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".dladiff-tmp-{secrets.token_hex(6)}"
+    tmp = path.parent / f".dladiff-tmp-{secrets.token_hex(6)}.tmp"  # torch.save needs a dot after the first character
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
