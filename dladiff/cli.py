@@ -266,6 +266,8 @@ def evaluate_cmd(
     _setup_logging(quiet)
     try:
         cfg = evaluate_config_for_cli(config, attacks, model, device, seed)
+        if out.exists() and not out.is_dir():
+            raise DladiffError(f"--out {out} is a file, not a folder; give the name of a folder (it is created if missing)")
         outcomes = evaluate_purified(photos, clean, out, cfg, dataset, method, dataset_label, merge_only, quiet, purify)
     except DladiffError as exc:
         _fail(exc)

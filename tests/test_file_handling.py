@@ -112,11 +112,12 @@ def test_config_that_is_not_utf8_is_one_clear_message(one_photo, tmp_path):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("command", ["protect", "finetune-surrogate"])
+@pytest.mark.parametrize("command", ["protect", "finetune-surrogate", "evaluate"])
 def test_out_naming_a_file_is_one_clear_message(one_photo, tmp_path, command):
     target = tmp_path / "out.txt"
     target.write_text("keep me")
-    extra = ["--layers", "2"] if command == "protect" else ["--config", "smoke"]
+    extra = {"protect": ["--layers", "2"], "finetune-surrogate": ["--config", "smoke"],
+             "evaluate": ["--clean", one_photo, "--config", "smoke"]}[command]
     result = run(command, one_photo, "--out", target, *extra)
     assert result.exit_code == EXIT_ERROR and "is a file" in result.output and "Traceback" not in result.output
     assert target.read_text() == "keep me"
@@ -136,3 +137,19 @@ def test_evaluate_names_photos_it_cannot_pair(caplog):
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "1 pair(s) only" in message
     assert "out/b.png (no clean original" in message and "out/c.png (8x8" in message and "clean/d.jpg (clean original" in message
+
+
+def test_trained_surrogate_folder_respects_the_umask(tmp_path):
+    from dladiff.surrogate import _write_surrogate
+
+    class Saver:
+        def save_pretrained(self, folder, safe_serialization):
+            (Path(folder) / "config.json").write_text("{}")
+
+    old = os.umask(0o022)
+    try:
+        _write_surrogate(Saver(), {"seed": 0}, tmp_path / "surrogate")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "surrogate" / "unet").stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in (tmp_path / "surrogate").iterdir()) == ["surrogate.json", "unet"]
