@@ -1,13 +1,15 @@
 """The ``dladiff`` command line (Typer). Thin: every command calls one importable function.
 
 Exit codes: 0 success; 2 an error (message on stderr, nothing half-written); 3 finished but some
-input files were skipped or failed (named in the messages and in report.json); 130 stopped by
+input files were skipped or failed (named in the messages and in report.json); 4 finished, but
+layer 2 found no face in some photos (named; they have no layer-2 protection); 130 stopped by
 Ctrl-C after writing a resumable checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,7 +18,7 @@ import typer
 
 from dladiff.errors import DladiffError
 
-EXIT_ERROR, EXIT_SKIPPED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_ERROR, EXIT_SKIPPED, EXIT_NO_FACE, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 app = typer.Typer(
     add_completion=False,
@@ -26,14 +28,15 @@ app = typer.Typer(
         "Layer 1 (DSUR + ADFT) disrupts DreamBooth/LoRA fine-tuning; layer 2 disrupts zero-shot identity "
         "adapters (IP-Adapter FaceID, InstantID). Try it offline with the tiny random model: "
         "`dladiff protect PHOTOS --out OUT --config smoke` (proves the pipeline runs, not that it protects).\n\n"
-        "Exit codes: 0 ok, 2 error, 3 some files skipped, 130 interrupted (resume with --resume)."
+        "Exit codes: 0 ok, 2 error, 3 some files skipped, 4 layer 2 found no face in some photos (they got no "
+        "layer-2 protection), 130 interrupted (resume with --resume)."
     ),
 )
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file, or a built-in name (default, smoke, ablation_no_dsur, ablation_no_adft, method_*, eot; `dladiff configs` lists them). Default: the paper's settings.")
 ModelOpt = typer.Option(None, "--model", "-m", help="Stable Diffusion hub id or local diffusers folder (overrides model.id; default stabilityai/stable-diffusion-2-1-base).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device).")
-SeedOpt = typer.Option(None, "--seed", help="Random seed (overrides runtime.seed); same seed, same result.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed, 0 to 4294967295 (overrides runtime.seed); same seed, same result.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages (warnings and errors still shown).")
 
 
@@ -98,13 +101,18 @@ def _parse_encoders(text: Optional[str]) -> Optional[dict]:
 
 
 def _split_weight(part: str) -> tuple[str, float]:
-    name, sep, weight = part.rpartition("=")
-    if sep:
-        try:
-            return name.strip(), float(weight)
-        except ValueError:
-            pass
-    return part, 1.0
+    """``name=weight`` → (name, weight), the weight finite and > 0; ``name`` alone has weight 1."""
+    name, sep, text = part.rpartition("=")
+    if not sep:
+        return part, 1.0
+    try:
+        weight = float(text)
+    except ValueError:
+        return part, 1.0
+    if not (math.isfinite(weight) and weight > 0):
+        raise DladiffError(f"--encoders {part!r}: the weight must be a finite number > 0 (leave the encoder out "
+                           f"to not use it)")
+    return name.strip(), weight
 
 
 @app.command("protect")
@@ -123,14 +131,17 @@ def protect_cmd(
     device: Optional[str] = DeviceOpt,
     seed: Optional[int] = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT (same result as an uninterrupted run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace files in OUT that have an output's name (e.g. report.json, photo.png) although dladiff did not write them. Without it such files stop the run; outputs of an earlier dladiff run (listed in OUT/.dladiff-manifest.json, unchanged) are replaced anyway."),
     quiet: bool = QuietOpt,
 ):
     """Add the protective perturbation to every photo of PHOTOS and write PNGs + report.json to OUT.
 
     The L∞ bound is checked on every saved file; report.json gives per image the measured L∞
     (0-255 units), the PSNR against the input and, for layer 2, per face and encoder the identity
-    similarity between clean and protected face. Ctrl-C finishes the current epoch and leaves a
-    checkpoint; run the same command with --resume to continue.
+    similarity between clean and protected face. Ctrl-C finishes the current layer-1 epoch,
+    layer-2 photo or identity and leaves a checkpoint (exit 130); run the same command with
+    --resume to continue. Exit 4: layer 2 found no face in some photos (named on stderr and in
+    report.json's "no_face"); they got no layer-2 protection.
     """
     from dladiff.runtime import Interrupted, StopRequest
 
@@ -141,38 +152,50 @@ def protect_cmd(
         stop = StopRequest()
         with stop.handle_sigint():
             if dataset:
-                problems = _protect_dataset(photos, out, cfg, chosen, surrogate, quiet)
+                problems, no_face = _protect_dataset(photos, out, cfg, chosen, surrogate, quiet, stop, overwrite)
             else:
-                problems = _protect_one(photos, out, cfg, chosen, surrogate, resume, quiet, stop)
+                problems, no_face = _protect_one(photos, out, cfg, chosen, surrogate, resume, quiet, stop, overwrite)
     except Interrupted as exc:
         typer.echo(f"dladiff: {exc}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        typer.echo("dladiff: aborted by a second Ctrl-C; the last checkpoint and the photos layer 2 finished are kept in "
+                   f"{out}; rerun the same command with --resume to continue", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except DladiffError as exc:
         _fail(exc)
+    if no_face:
+        typer.echo(f"dladiff: warning: layer 2 found no face in {len(no_face)} photo(s), which got no layer-2 "
+                   f"protection{' (saved unchanged)' if chosen == (2,) else ''}: " + ", ".join(no_face), err=True)
     if problems:
         typer.echo(f"dladiff: {len(problems)} item(s) skipped or failed: " + "; ".join(problems), err=True)
         raise typer.Exit(EXIT_SKIPPED)
+    if no_face:
+        raise typer.Exit(EXIT_NO_FACE)
 
 
-def _protect_one(photos, out, cfg, layers, surrogate, resume, quiet, stop) -> list[str]:
+def _protect_one(photos, out, cfg, layers, surrogate, resume, quiet, stop, overwrite) -> tuple[list[str], list[str]]:
+    """Problems (skipped or failed files) and photos without a face of one folder."""
     from dladiff.protect import protect_folder
 
-    outcome = protect_folder(photos, out, cfg, layers, surrogate, resume, quiet, stop)
+    outcome = protect_folder(photos, out, cfg, layers, surrogate, resume, quiet, stop, overwrite)
     if not quiet:
         typer.echo(f"protected {len(outcome.report['images'])} photo(s) into {outcome.out_dir} "
                    f"(report: {outcome.out_dir / 'report.json'})")
-    return [p.reason for p in outcome.skipped + outcome.failed]
+    return [p.reason for p in outcome.skipped + outcome.failed], list(outcome.report.get("no_face") or [])
 
 
-def _protect_dataset(root, out, cfg, layers, surrogate, quiet) -> list[str]:
+def _protect_dataset(root, out, cfg, layers, surrogate, quiet, stop, overwrite) -> tuple[list[str], list[str]]:
+    """Problems (failed identities) and photos without a face (``identity/photo``) of a dataset."""
     from dladiff.dataset import protect_dataset
 
     if surrogate is not None:
         raise DladiffError("--surrogate cannot be used with --dataset: each identity gets its own surrogate")
-    outcome = protect_dataset(root, out, cfg, layers, quiet)
+    outcome = protect_dataset(root, out, cfg, layers, quiet, stop=stop, overwrite=overwrite)
     if not quiet:
         typer.echo(f"protected {len(outcome.protected)} identities into {out} ({len(outcome.already_done)} already done)")
-    return [f"{name}: {reason}" for name, reason in outcome.failed.items()]
+    no_face = [f"{name}/{photo}" for name, photos in outcome.no_face.items() for photo in photos]
+    return [f"{name}: {reason}" for name, reason in outcome.failed.items()], no_face
 
 
 @app.command("finetune-surrogate")
@@ -243,6 +266,8 @@ def evaluate_cmd(
     _setup_logging(quiet)
     try:
         cfg = evaluate_config_for_cli(config, attacks, model, device, seed)
+        if out.exists() and not out.is_dir():
+            raise DladiffError(f"--out {out} is a file, not a folder; give the name of a folder (it is created if missing)")
         outcomes = evaluate_purified(photos, clean, out, cfg, dataset, method, dataset_label, merge_only, quiet, purify)
     except DladiffError as exc:
         _fail(exc)

@@ -11,6 +11,7 @@ name): its keys are merged over the inherited file, section by section.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from dladiff.errors import ConfigError
+
+MAX_SEED = 2**32 - 1  # the largest seed every generator used (numpy, torch, Python) accepts alike
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,7 @@ def _validate_ranges(cfg: Config, source: str) -> None:
     """Semantic checks that types alone cannot express."""
     checks = [
         (cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution must be a positive multiple of 8"),
+        (0 <= cfg.runtime.seed <= MAX_SEED, f"runtime.seed (--seed) must be an integer in 0..{MAX_SEED}, got {cfg.runtime.seed}"),
         (0 < cfg.layer1.epsilon <= 2, "layer1.epsilon must be in (0, 2] ([-1,1] pixel units)"),
         (0 < cfg.layer1.step_size, "layer1.step_size must be positive"),
         (cfg.layer1.epochs >= 0, "layer1.epochs must be >= 0"),
@@ -298,7 +302,8 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (cfg.layer2.steps >= 0, "layer2.steps must be >= 0"),
         (cfg.layer2.crop_size >= 32, "layer2.crop_size must be at least 32 pixels"),
         (cfg.layer2.detect_retries >= 0 and 0 < cfg.layer2.detect_backoff < 1, "layer2.detect_retries >= 0 and 0 < layer2.detect_backoff < 1"),
-        (all(w >= 0 for w in cfg.layer2.encoders.values()), "layer2.encoders weights must be >= 0"),
+        (all(math.isfinite(w) and w > 0 for w in cfg.layer2.encoders.values()),
+         f"layer2.encoders weights must be finite numbers > 0, got {cfg.layer2.encoders}; leave an encoder out instead of giving it weight 0"),
         (cfg.layer2.momentum >= 0, "layer2.momentum must be >= 0"),
         (0 <= cfg.layer2.diversity_probability <= 1 and cfg.layer2.diversity_shrink > 1, "layer2.diversity_probability must be in [0, 1] and layer2.diversity_shrink > 1"),
         (cfg.layer2.ti_kernel >= 0, "layer2.ti_kernel must be >= 0 (pixels; 0 = off)"),
@@ -368,6 +373,8 @@ def read_config_tree(path: Path, resolve=resolve_config_path, seen: tuple[Path, 
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the config as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     if not isinstance(data, dict):

@@ -19,8 +19,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from dladiff.config import InputConfig
 from dladiff.errors import DladiffError, InputError
 from dladiff.png import write_png
+
+log = logging.getLogger("dladiff")
 
 log = logging.getLogger("dladiff")
 
@@ -157,31 +160,63 @@ def load_portrait(path: Path, max_megapixels: float = InputConfig.max_megapixels
     return Portrait(path=path, pixels=pixels, sha256=sha256)
 
 
-def list_photo_files(folder: Path) -> list[Path]:
-    """Files of ``folder`` (not recursive, hidden files excluded), sorted by name.
+def scan_photo_folder(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
+    """Files of ``folder`` (not recursive), sorted by name, and the entries passed over with the reason.
 
     Every regular file is returned, not only known image suffixes, so that a file the user meant
-    as a photo but that cannot be decoded is reported rather than silently ignored.
+    as a photo but that cannot be decoded is reported rather than silently ignored. Hidden files
+    with an image suffix (``.x.png``, ``..png``) and dangling symbolic links are passed over and
+    named; other hidden files (``.DS_Store``) and sub-folders are ignored.
     """
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; give a folder of photos")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
+    files, passed_over = [], []
+    for path in sorted(folder.iterdir()):
+        if path.is_symlink() and not path.exists():
+            passed_over.append(SkippedFile(path, f"{path}: dangling symbolic link (its target does not exist); fix or remove it"))
+        elif path.name.startswith("."):
+            if path.is_file() and path.name.lower().endswith(tuple(IMAGE_SUFFIXES)):
+                passed_over.append(SkippedFile(path, f"{path}: hidden file (name starts with '.'); rename it to protect it"))
+        elif path.is_file():
+            files.append(path)
+    if not files and not passed_over:
         raise InputError(f"{folder}: the folder is empty; put the portraits to protect in it")
-    return files
+    return files, passed_over
+
+
+def list_photo_files(folder: Path) -> list[Path]:
+    """The files :func:`scan_photo_folder` would load (hidden files and dangling links left out)."""
+    return scan_photo_folder(folder)[0]
+
+
+def frame_count(path: Path) -> int:
+    """Frames (pages) of an image file: more than 1 for animated GIF/WebP/PNG and multi-page TIFF."""
+    try:
+        with Image.open(path) as img:
+            return int(getattr(img, "n_frames", 1))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 1
 
 
 def load_folder(folder: Path, max_megapixels: float = InputConfig.max_megapixels) -> tuple[list[Portrait], list[SkippedFile]]:
-    """Load every photo of ``folder``; unreadable files are returned as skipped, not raised."""
-    portraits, skipped = [], []
-    for path in list_photo_files(folder):
+    """Load every photo of ``folder``; unreadable files are returned as skipped, not raised.
+
+    A file with several frames (GIF, TIFF, ...) is protected as its first frame, with a warning.
+    """
+    files, skipped = scan_photo_folder(folder)
+    portraits = []
+    for path in files:
         try:
             portraits.append(load_portrait(path, max_megapixels))
         except InputError as exc:
             skipped.append(SkippedFile(path, str(exc)))
+            continue
+        frames = frame_count(path)
+        if frames > 1:
+            log.warning("%s has %d frames; only the first one is protected (the output is a single PNG)", path, frames)
     names = [p.output_name for p in portraits]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
@@ -199,9 +234,11 @@ def load_folder(folder: Path, max_megapixels: float = InputConfig.max_megapixels
 
 
 def check_output_folder(inputs: Path, out: Path) -> None:
-    """The output folder must not be the input folder (inputs are never written over)."""
+    """The output folder must not be the input folder (inputs are never written over), nor a file."""
     if Path(out).resolve() == Path(inputs).resolve():
         raise InputError(f"--out {out} is the input folder; choose another folder so the originals stay untouched")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; give the name of a folder (it is created if missing)")
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -360,16 +397,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
     """Write ``path`` by ``write(tmp)`` on a temporary file beside it, fsync, then rename it over ``path``.
 
-    A crash never leaves half a file. ``keep_previous``: the file being replaced is renamed to it
+    A crash never leaves half a file. The temporary name (``.dladiff-tmp-<random>.tmp``) stays
+    short, so any name the file system allows for ``path`` works; it is created with mode 0o666
+    less the umask, as ``open()`` would. ``keep_previous``: the file being replaced is renamed to it
     first. An ``OSError`` (disk full, no permission, ...) removes the temporary file and becomes a
     :class:`~dladiff.errors.DladiffError` that names ``path`` and says what to do.
     """
     path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(Path(tmp))
+        tmp = short_temporary_file(path.parent)
+        write(tmp)
         _fsync(tmp)
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
@@ -381,6 +419,13 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def short_temporary_file(folder: Path) -> Path:
+    """A new empty file ``.dladiff-tmp-<random>.tmp`` in ``folder``, mode 0o666 less the umask."""
+    tmp = folder / f".dladiff-tmp-{secrets.token_hex(6)}.tmp"  # torch.save needs a dot after the first character
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return tmp
 
 
 def _fsync(path) -> None:
@@ -410,7 +455,21 @@ def save_png(pixels: np.ndarray, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: encode_png(pixels, tmp))
 
 
+def strict_json_value(value):
+    """``value`` with every NaN / ±Infinity float replaced by ``None`` (strict JSON has neither), recursively."""
+    if isinstance(value, dict):
+        return {k: strict_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def save_json(data: dict, path: Path) -> None:
-    """Write JSON atomically (indented, UTF-8)."""
-    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8"))
+    """Write strict JSON atomically (indented, UTF-8); a non-finite number is written as ``null``."""
+    text = json.dumps(strict_json_value(data), indent=2, default=str, allow_nan=False) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

@@ -56,7 +56,8 @@ from dladiff.faces.transfer import (
 )
 from dladiff.pgd import pgd_update, project
 from dladiff.purify import eot_transform
-from dladiff.runtime import progress
+from dladiff.layer2_resume import Layer2Checkpoints, photo_key
+from dladiff.runtime import Interrupted, StopRequest, progress
 
 log = logging.getLogger("dladiff")
 
@@ -389,22 +390,40 @@ def measure_identity(clean_pixels: np.ndarray, protected_pixels: np.ndarray, cle
 
 
 def protect_photos(portraits: list[Portrait], inputs: list[np.ndarray], cfg: Config, quiet: bool,
-                   models: Layer2Models | None = None) -> tuple[list[np.ndarray], list[dict]]:
+                   models: Layer2Models | None = None, checkpoints: Layer2Checkpoints | None = None,
+                   stop: StopRequest | None = None) -> tuple[list[np.ndarray], list[dict]]:
     """Layer 2 on each photo (``inputs`` = layer-1 outputs, or the clean photos for ``--layers 2``).
 
     Returns the photos and, per photo, ``{"faces": [...]}`` reports; a photo without a face keeps
-    its input and its report says so.
+    its input and its report says so. With ``checkpoints`` each finished photo is stored at once
+    and a photo already stored is not redone; when ``stop`` is requested (first Ctrl-C) the
+    current photo finishes and :class:`~dladiff.runtime.Interrupted` is raised before the next.
     """
     models = models or prepare_layer2(cfg.layer2)
     outputs, reports = [], []
     bar = progress(len(portraits), "layer 2 (faces)", quiet)
-    for index, (portrait, pixels) in enumerate(zip(portraits, inputs)):
-        out, faces = protect_image(pixels, portrait.pixels, models, cfg.layer2, cfg.runtime.seed + index, cfg.eot)
-        if not faces:
-            log.warning("%s: no face found; layer 2 left this photo as it was", portrait.name)
-        outputs.append(out)
-        reports.append({"encoders": models.weights, "faces": faces, "no_face": not faces})
-        bar.set_postfix(faces=len(faces))
-        bar.update(1)
-    bar.close()
+    try:
+        for index, (portrait, pixels) in enumerate(zip(portraits, inputs)):
+            if stop is not None and stop.requested:
+                where = f"; finished photos are kept in {checkpoints.folder}" if checkpoints else ""
+                raise Interrupted(f"stopped after layer 2 finished {index}/{len(portraits)} photo(s){where}; "
+                                  "rerun the same command with --resume to continue")
+            seed = cfg.runtime.seed + index
+            key = photo_key(portrait.sha256, pixels, cfg, models.weights, seed) if checkpoints else None
+            done = checkpoints.load(key, pixels.shape) if checkpoints else None
+            if done is None:
+                out, faces = protect_image(pixels, portrait.pixels, models, cfg.layer2, seed, cfg.eot)
+                report = {"encoders": models.weights, "faces": faces, "no_face": not faces}
+                if checkpoints:
+                    checkpoints.save(key, out, report)
+            else:
+                out, report = done
+            if report["no_face"]:
+                log.warning("%s: no face found; layer 2 left this photo as it was", portrait.name)
+            outputs.append(out)
+            reports.append(report)
+            bar.set_postfix(faces=len(report["faces"]))
+            bar.update(1)
+    finally:
+        bar.close()
     return outputs, reports

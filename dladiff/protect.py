@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from dladiff.config import Config, config_to_dict
 from dladiff.data import (Portrait, SkippedFile, atomic_write, apply_perturbation, check_output_folder, encode_png,
                           grey_of, is_greyscale, linf_255, load_folder, model_batch, psnr, save_json)
 from dladiff.errors import BoundViolationError, DladiffError
+from dladiff.outdir import LOCK, Manifest, output_lock, refuse_foreign_files
 from dladiff.runtime import StopRequest, select_device
 
 log = logging.getLogger("dladiff")
@@ -30,6 +32,7 @@ log = logging.getLogger("dladiff")
 RUN_DIR = ".dladiff-run"
 LAYER1_RESULT = "layer1_result.safetensors"
 LAYER1_RESULT_KIND = "layer-1 result"
+REPORT = "report.json"
 
 
 @dataclass
@@ -86,10 +89,19 @@ def save_checked_png(pixels: np.ndarray, reference: np.ndarray, limit_255: float
 
 def _prepare_run_dir(out_dir: Path, resume: bool) -> Path:
     run_dir = out_dir / RUN_DIR
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()) and not resume:
         raise DladiffError(f"{out_dir} holds an earlier run ({run_dir}); add --resume to continue it, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def planned_outputs(out_dir: Path, portraits: list[Portrait], layers: tuple[int, ...], surrogate_dir: Path | None) -> list[str]:
+    """Names in ``out_dir`` the run will write: the PNGs, ``report.json`` and the static surrogate's files."""
+    names = [p.output_name for p in portraits] + [REPORT]
+    trained = Path(out_dir) / "surrogate"
+    if 1 in layers and surrogate_dir is None and not (trained / "surrogate.json").is_file():
+        names.append("surrogate/unet")  # replaced when the surrogate is trained; dladiff's has a surrogate.json beside it
+    return names
 
 
 def _static_surrogate_folder(portraits, components, cfg: Config, surrogate_dir: Path | None, out_dir: Path, device, quiet: bool) -> Path:
@@ -163,10 +175,13 @@ def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, 
 
 def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[int, ...] = (1, 2),
                    surrogate_dir: Path | None = None, resume: bool = False, quiet: bool = False,
-                   stop: StopRequest | None = None, components=None) -> ProtectOutcome:
+                   stop: StopRequest | None = None, overwrite: bool = False, components=None) -> ProtectOutcome:
     """Protect every photo of ``photos_dir`` into ``out_dir`` (PNG + ``report.json``).
 
-    ``components``: SD already loaded for layer 1 (dataset mode shares it with the surrogate), else loaded here.
+    One run at a time per ``out_dir`` (a lock); files there that dladiff did not write are not
+    replaced unless ``overwrite``. Layer 2 keeps each finished photo in the run folder, so a
+    stopped run (``stop``, Ctrl-C) resumed with ``resume`` redoes none of them. ``components``: SD
+    already loaded for layer 1 (dataset mode shares it with the surrogate), else loaded here.
     """
     photos_dir, out_dir = Path(photos_dir), Path(out_dir)
     layers = tuple(sorted(set(layers)))
@@ -177,33 +192,51 @@ def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[i
     for s in skipped:
         log.warning("skipping %s", s.reason)
     device = select_device(cfg.runtime.device) if 1 in layers else torch.device("cpu")
+    if 1 not in layers and cfg.runtime.device not in ("auto", "cpu"):
+        log.warning("device %s: layer 2 runs on the CPU (its face models are small); the device setting is used by layer 1 only",
+                    cfg.runtime.device)
     layer2_models = None
     if 2 in layers:
-        from dladiff.layer2 import prepare_layer2, protect_photos
+        from dladiff.layer2 import prepare_layer2
 
         layer2_models = prepare_layer2(cfg.layer2)  # missing encoders fail here, before any long work
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = _prepare_run_dir(out_dir, resume)
-    stop = stop or StopRequest()
-    current = [p.pixels for p in portraits]
-    layer1_info, face_reports = None, [None] * len(portraits)
-    if 1 in layers:
-        current, layer1_info = run_layer1_on(portraits, cfg, device, out_dir, run_dir, surrogate_dir, resume, quiet, stop, components)
-    if 2 in layers:
-        current, face_reports = protect_photos(portraits, current, cfg, quiet, layer2_models)
-    limit = allowed_linf_255(cfg, layers)
+    with output_lock(out_dir / RUN_DIR):
+        run_dir = _prepare_run_dir(out_dir, resume)
+        manifest = Manifest(out_dir)
+        refuse_foreign_files(out_dir, planned_outputs(out_dir, portraits, layers, surrogate_dir), manifest, overwrite)
+        stop = stop or StopRequest()
+        current = [p.pixels for p in portraits]
+        layer1_info, face_reports = None, [None] * len(portraits)
+        if 1 in layers:
+            current, layer1_info = run_layer1_on(portraits, cfg, device, out_dir, run_dir, surrogate_dir, resume, quiet, stop,
+                                                   components)
+        if 2 in layers:
+            from dladiff.layer2 import protect_photos
+            from dladiff.layer2_resume import Layer2Checkpoints
+
+            current, face_reports = protect_photos(portraits, current, cfg, quiet, layer2_models, Layer2Checkpoints(run_dir), stop)
+        limit = allowed_linf_255(cfg, layers)
+        entries, failed = _save_outputs(portraits, current, face_reports, out_dir, limit, manifest)
+        report = _report(photos_dir, out_dir, cfg, layers, device, entries, skipped + failed, layer1_info, limit)
+        save_json(report, out_dir / REPORT)
+        manifest.record(REPORT)
+        if not failed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return ProtectOutcome(out_dir, report, skipped, failed)
+
+
+def _save_outputs(portraits, current, face_reports, out_dir: Path, limit: float, manifest: Manifest):
+    """Save every photo (one failure does not stop the others); returns report entries and failures."""
     entries, failed = [], []
     for portrait, pixels, faces in zip(portraits, current, face_reports):
         try:
             entries.append(_save_output(portrait, pixels, faces, out_dir, limit))
+            manifest.record(portrait.output_name)
         except (DladiffError, OSError) as exc:
             failed.append(SkippedFile(portrait.path, str(exc)))
             log.error("%s", exc)
-    report = _report(photos_dir, out_dir, cfg, layers, device, entries, skipped + failed, layer1_info, limit)
-    save_json(report, out_dir / "report.json")
-    if not failed:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return ProtectOutcome(out_dir, report, skipped, failed)
+    return entries, failed
 
 
 def _save_output(portrait: Portrait, pixels: np.ndarray, faces, out_dir: Path, limit: float) -> dict:
@@ -214,11 +247,17 @@ def _save_output(portrait: Portrait, pixels: np.ndarray, faces, out_dir: Path, l
     entry = {
         "input": portrait.name, "output": path.name, "input_sha256": portrait.sha256,
         "width": int(portrait.pixels.shape[1]), "height": int(portrait.pixels.shape[0]),
-        "linf_255": measured, "psnr_db": round(psnr(pixels, portrait.pixels), 3),
+        "linf_255": measured, "psnr_db": _finite_or_none(round(psnr(pixels, portrait.pixels), 3)),
     }
     if faces is not None:
+        entry["faces"] = len(faces["faces"])
         entry["layer2"] = faces
     return entry
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no Infinity: ``None`` stands for a PSNR of identical images (infinite)."""
+    return value if math.isfinite(value) else None
 
 
 def _report(photos_dir, out_dir, cfg: Config, layers, device, entries, skipped, layer1_info, limit) -> dict:
@@ -229,6 +268,7 @@ def _report(photos_dir, out_dir, cfg: Config, layers, device, entries, skipped, 
         "bound_linf_255": {"layer1": bound_255(cfg.layer1.epsilon) if 1 in layers else None,
                            "layer2": bound_255(cfg.layer2.epsilon) if 2 in layers else None, "checked_limit": limit},
         "images": entries,
+        "no_face": [e["input"] for e in entries if e.get("faces") == 0] if 2 in layers else None,
         "skipped": [{"file": str(s.path), "reason": s.reason} for s in skipped],
         "layer1": layer1_info,
         "settings": config_to_dict(cfg),

@@ -76,7 +76,8 @@ class StopRequest:
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
-            log.warning("Ctrl-C: finishing the current epoch and saving a checkpoint (Ctrl-C again to abort now)")
+            log.warning("Ctrl-C: finishing the current layer-1 epoch or layer-2 photo and saving a checkpoint "
+                        "(Ctrl-C again to abort now)")
 
         previous = signal.signal(signal.SIGINT, handler)
         try:

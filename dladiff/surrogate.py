@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +126,8 @@ def finetune_surrogate(portraits: list[Portrait], components: SDComponents, cfg:
 def _write_surrogate(unet, record: dict, out_dir: Path) -> None:
     """Save the UNet and its record into ``out_dir`` atomically (temporary folder, then rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unet.", dir=out_dir))
+    tmp = out_dir / f".unet.{secrets.token_hex(6)}"
+    tmp.mkdir()  # mode 0o777 less the umask, like any folder (mkdtemp would make it private)
     try:
         unet.save_pretrained(tmp, safe_serialization=True)
         if (out_dir / "unet").exists():

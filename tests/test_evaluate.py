@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -376,10 +377,11 @@ def test_protect_dataset_skips_done_identities_and_uses_set_a(tmp_path, identity
     (out / "bob" / "report.json").write_text("{}")
     calls = []
 
-    def fake_protect(photos, out_dir, cfg, layers, surrogate, resume, quiet, components):
+    def fake_protect(photos, out_dir, cfg, layers, surrogate, resume, quiet, stop, overwrite, components):
         calls.append((photos.parent.name, photos.name, surrogate, resume))
         (out_dir / "report.json").parent.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.json").write_text("{}")
+        return SimpleNamespace(report={"no_face": None})
 
     monkeypatch.setattr(dladiff.protect, "protect_folder", fake_protect)
     monkeypatch.setattr(dataset, "train_set_a_surrogate", lambda identity_dir, out_dir, cfg, components, quiet: Path(f"/s/{identity_dir.name}"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dladiff.config import (ModelConfig, RuntimeConfig, _build, _merge, builtin_config_dir, config_to_dict,
+from dladiff.config import (MAX_SEED, ModelConfig, RuntimeConfig, _build, _merge, builtin_config_dir, config_to_dict,
                             read_config_tree, resolve_named_file)
 from dladiff.errors import ConfigError
 
@@ -165,6 +165,8 @@ def _range_checks(cfg: EvaluateConfig) -> list[tuple[bool, str]]:
         (not unknown, f"attacks: unknown attack(s) {', '.join(unknown)}; choices: {', '.join(ATTACKS)}"),
         (len(set(cfg.attacks)) == len(cfg.attacks), "attacks: an attack is named twice"),
         (cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution must be a positive multiple of 8"),
+        (0 <= cfg.runtime.seed <= MAX_SEED and 0 <= cfg.generation.seed <= MAX_SEED,
+         f"runtime.seed (--seed) and generation.seed must be integers in 0..{MAX_SEED}"),
         (cfg.dreambooth.steps >= 0 and cfg.dreambooth.batch_size > 0, "dreambooth.steps >= 0 and dreambooth.batch_size > 0"),
         (cfg.dreambooth.learning_rate > 0, "dreambooth.learning_rate must be positive"),
         (cfg.dreambooth.num_class_images > 0 or not cfg.dreambooth.prior_preservation, "dreambooth.num_class_images must be positive with prior_preservation"),

@@ -111,7 +111,7 @@ def score_identity(identity: IdentityFolders, photos, clean, references, results
     reference_embeddings = reference_matrix(pixels(references), scorers.embedder)
     clean_feats = clean_features(clean, scorers, id_dir)
     pairs = clean_pairs(photos, clean)
-    rows = [{"model": "", **photo_row(photos, clean, scorers)}]
+    rows = [{"model": "", **photo_row(photos, clean, scorers, pairs)}]
     sections = [("clean", pixels(clean)), ("attacked photos", pixels(photos))]
     for name, result in results.items():
         for prompt, folder in result.prompts.items():

@@ -118,13 +118,26 @@ def nan_mean(values) -> float:
 
 
 def clean_pairs(photos: list[Portrait], clean: list[Portrait]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(clean, attacked) pixel pairs matched by file stem (``x.jpg`` <-> ``x.png``), same size only."""
+    """(clean, attacked) pixel pairs matched by file stem (``x.jpg`` <-> ``x.png``), same size only.
+
+    Photos left unpaired (no clean original of that stem, a clean original with no attacked photo,
+    or different sizes) are named in a warning: the paired metrics score the pairs only.
+    """
     by_stem = {p.path.stem: p for p in clean}
-    pairs = []
+    pairs, unpaired = [], []
     for photo in photos:
         original = by_stem.get(photo.path.stem)
-        if original is not None and original.pixels.shape == photo.pixels.shape:
+        if original is None:
+            unpaired.append(f"{photo.path} (no clean original named {photo.path.stem}.*)")
+        elif original.pixels.shape != photo.pixels.shape:
+            unpaired.append(f"{photo.path} ({photo.pixels.shape[1]}x{photo.pixels.shape[0]}, its original "
+                            f"{original.path} is {original.pixels.shape[1]}x{original.pixels.shape[0]})")
+        else:
             pairs.append((original.pixels, photo.pixels))
+    attacked = {p.path.stem for p in photos}
+    unpaired += [f"{p.path} (clean original without an attacked photo)" for p in clean if p.path.stem not in attacked]
+    if unpaired:
+        log.warning("PSNR/SSIM/ISM_pro score %d pair(s) only; unpaired: %s", len(pairs), "; ".join(unpaired))
     return pairs
 
 
@@ -154,9 +167,9 @@ def ism_against(generated: list[np.ndarray | None], references: np.ndarray | Non
     return metrics.identity_score_matching(generated, references)
 
 
-def photo_row(photos: list[Portrait], clean: list[Portrait], scorers: Scorers) -> dict:
-    """PSNR/SSIM (Table 9) and ISM_pro of the attacked photos against their clean originals."""
-    pairs = clean_pairs(photos, clean)
+def photo_row(photos: list[Portrait], clean: list[Portrait], scorers: Scorers, pairs=None) -> dict:
+    """PSNR/SSIM (Table 9) and ISM_pro of the attacked photos against their clean originals (``pairs`` if given)."""
+    pairs = clean_pairs(photos, clean) if pairs is None else pairs
     return {
         "attack": "photos", "prompt": "", "images": len(photos),
         "psnr": nan_mean([metrics.psnr(c, a) for c, a in pairs]),
