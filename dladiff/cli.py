@@ -261,12 +261,16 @@ def evaluate_cmd(
 def evaluate_tables_cmd(
     eval_dirs: list[Path] = typer.Argument(..., help="Evaluation folders (each with results.json) to put in one set of tables."),
     out: Path = typer.Option(..., "--out", "-o", help="Markdown file to write."),
+    ratings: Optional[list[Path]] = typer.Option(None, "--ratings", help="A ratings.csv of `dladiff rate` (or its study folder), read with the rating_items.json beside it; repeat for several raters' files. Fills the MOS column of Tables 1 and 2."),
 ):
-    """Merge several evaluations (e.g. "w/o Protect", "Ours", other methods) into the paper's table layout."""
+    """Merge several evaluations (e.g. "w/o Protect", "Ours", other methods) into the paper's table layout.
+
+    MOS (with --ratings): mean and 95 % t-interval over all ratings, per dataset, method, attack and prompt.
+    """
     from dladiff.evaluate.report import write_comparison
 
     try:
-        write_comparison(eval_dirs, out)
+        write_comparison(eval_dirs, out, ratings or ())
     except DladiffError as exc:
         _fail(exc)
     typer.echo(f"tables written to {out}")
@@ -283,6 +287,41 @@ def configs_cmd():
         typer.echo(f"protect\t{name}\t{builtin_config_dir() / (name + '.yaml')}")
     for name in builtin_evaluate_names():
         typer.echo(f"evaluate\t{name}\t{builtin_evaluate_dir() / (name + '.yaml')}")
+
+
+@app.command("rate")
+def rate_cmd(
+    eval_dir: Path = typer.Argument(..., help="Study folder: an output folder of `dladiff evaluate`, or a folder holding several (one per method). Gets rating_items.json and ratings.csv."),
+    port: int = typer.Option(8765, "--port", help="Port on 127.0.0.1 (0: any free port)."),
+    rater: str = typer.Option("rater1", "--rater", help="Rater id stored with each rating (letters, digits, _ . @ -); each rater gets an own shuffled order."),
+    attacks: str = typer.Option("dreambooth,lora", "--attacks", help="Whose generated images to rate (comma list; the paper rates fine-tuning attacks)."),
+    sample: Optional[int] = typer.Option(None, "--sample", min=1, help="Rate at most N images per dataset, method, attack and prompt, drawn at random (the paper: 50 per method). Default: all."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --sample draw and of the raters' shuffles."),
+):
+    """Serve the MOS rating page of the paper (§7.2, Fig. 5) on 127.0.0.1 until Ctrl-C.
+
+    Images are shown one at a time, blinded (random ids) and shuffled across methods and identities;
+    keys 1-5 or buttons rate them. Each rating is appended to EVAL_DIR/ratings.csv at once; run the
+    same command again to continue where the rater stopped.
+    """
+    from dladiff.evaluate.mos import open_study
+    from dladiff.rate_server import RatingSession, make_server, url_of
+
+    logging.basicConfig(level=logging.INFO, format="dladiff: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    try:
+        parts = [a.strip() for a in attacks.split(",") if a.strip()]
+        session = RatingSession.start(open_study(eval_dir, parts, sample, seed), rater)
+        server = make_server(session, port)
+    except DladiffError as exc:
+        _fail(exc)
+    state = session.state()
+    typer.echo(f"rating page for {rater}: {url_of(server)}  ({state['rated']} of {state['total']} rated; Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo(f"stopped; ratings are in {eval_dir / 'ratings.csv'}")
+    finally:
+        server.server_close()
 
 
 def main() -> None:  # pragma: no cover - console entry point
