@@ -192,3 +192,39 @@ def test_server_checks_every_request(served, study_dir):
     assert request(url + "api/rate", {"token": session.token, "item": item, "score": 3})[0] == 409  # no double rating
     with (study_dir / mos.RATINGS_FILE).open() as handle:
         assert [(r["rater"], r["item"], r["score"]) for r in csv.DictReader(handle)] == [("alice", item, "3")]
+
+
+def test_rate_command_serves_until_ctrl_c(study_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "from dladiff.cli import app; app()", "rate", str(study_dir), "--port", "0", "--rater", "carol", "--sample", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        line = proc.stdout.readline()
+        assert "rating page for carol: http://127.0.0.1:" in line and "0 of 4 rated" in line
+        url = line.split(": ", 1)[1].split()[0]
+        state = json.loads(request(url + "api/state")[1])
+        assert state["total"] == 4 and state["rater"] == "carol"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "stopped; ratings are in" in out
+    settings = json.loads((study_dir / mos.ITEMS_FILE).read_text())["settings"]
+    assert settings == {"attacks": ["dreambooth", "lora"], "sample": 2, "seed": 0}
+
+
+@pytest.mark.parametrize("case", ["empty", "rater"])
+def test_rate_command_errors_are_clear(tmp_path, study_dir, case):
+    from typer.testing import CliRunner
+
+    from dladiff.cli import app
+
+    args = [str(tmp_path / "empty")] if case == "empty" else [str(study_dir), "--rater", "a b"]
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["rate", *args])
+    assert result.exit_code == 2
+    assert ("no generated images" if case == "empty" else "rater id") in result.output
