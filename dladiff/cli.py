@@ -324,5 +324,46 @@ def rate_cmd(
         server.server_close()
 
 
+@app.command("attention-maps")
+def attention_maps_cmd(
+    photos: Path = typer.Argument(..., help="Folder of clean portraits (the first --max-photos are drawn)."),
+    surrogate: Path = typer.Option(..., "--surrogate", "-s", help="Static surrogate (θs) folder from `dladiff finetune-surrogate` (or OUT/surrogate of protect)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+    protected: Optional[Path] = typer.Option(None, "--protected", help="Output folder of `dladiff protect` for these photos: adds rows for the protected copies (<stem>.png)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Word of the prompt whose maps are drawn (default: prompt.trigger of the config, sks)."),
+    timestep: int = typer.Option(200, "--timestep", min=0, help="Diffusion timestep of the one denoising pass (0-999; our choice, the paper gives none)."),
+    max_photos: int = typer.Option(2, "--max-photos", min=1, help="How many photos to draw."),
+    config: Optional[str] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    seed: Optional[int] = SeedOpt,
+    quiet: bool = QuietOpt,
+):
+    """Draw the cross-attention maps of the trigger token (paper Fig. 7) as a labelled grid PNG.
+
+    Rows: each photo, clean and protected, under the pretrained and the static-surrogate UNet;
+    columns: every cross-attention layer at layer1.attention.resolutions, and their mean. One
+    fixed pass: VAE posterior mean, noised at --timestep with the noise of --seed.
+    """
+    from dladiff.attention_figure import FigureSettings, attention_figure
+    from dladiff.diffusion.loading import load_sd
+    from dladiff.runtime import select_device
+
+    _setup_logging(quiet)
+    try:
+        cfg = _load(config, model, device, seed)
+        dev = select_device(cfg.runtime.device)
+        components = load_sd(cfg.model.id, cfg.model.revision, dev)
+        steps = components.noise_scheduler.config.num_train_timesteps
+        if timestep >= steps:
+            raise DladiffError(f"--timestep {timestep}: the model has timesteps 0-{steps - 1}")
+        settings = FigureSettings(cfg.prompt.instance, token or cfg.prompt.trigger, timestep, cfg.runtime.seed)
+        info = attention_figure(photos, surrogate, out, components, cfg, settings, protected, max_photos, dev)
+    except DladiffError as exc:
+        _fail(exc)
+    if not quiet:
+        typer.echo(f"attention maps of {len(info['rows'])} row(s) x {len(info['layers'])} layer(s) written to {out}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
