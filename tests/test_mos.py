@@ -66,9 +66,12 @@ def test_study_items_are_blinded_sampled_and_fixed(study_dir):
     assert len(sampled) == 4 and len({mos.group_of(i) for i in sampled}) == 2
 
 
-def test_missing_study_inputs_are_clear(tmp_path):
+def test_missing_study_inputs_are_clear(tmp_path, study_dir):
+    with pytest.raises(InputError, match="choose from"):
+        mos.open_study(study_dir, ["dreambooht"])
+    (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no generated images"):
-        mos.open_study(tmp_path)
+        mos.open_study(tmp_path / "empty")
     with pytest.raises(InputError, match="no such folder"):
         mos.open_study(tmp_path / "nope")
 
@@ -100,7 +103,7 @@ def test_ratings_append_and_malformed_lines_are_left_out(study_dir):
         mos.append_rating(study_dir, "alice", item, 6)
 
 
-def test_mos_per_method_from_two_raters_files(study_dir, tmp_path):
+def test_mos_per_method_from_two_raters_files(study_dir, tmp_path, caplog):
     study = mos.open_study(study_dir)
     ours = sorted(i for i, it in study.items.items() if it["method"] == "Ours")
     mist = sorted(i for i, it in study.items.items() if it["method"] == "MIST")
@@ -112,7 +115,10 @@ def test_mos_per_method_from_two_raters_files(study_dir, tmp_path):
     copy.mkdir()
     (copy / mos.ITEMS_FILE).write_bytes((study_dir / mos.ITEMS_FILE).read_bytes())
     mos.append_rating(copy, "bob", mist[1], 2)
-    table = mos.mos_by_group([study_dir / mos.RATINGS_FILE, copy])
+    mos.append_rating(copy, "alice", ours[0], 1)  # the same rater id in a second file: warned about, counts once
+    with caplog.at_level("WARNING", logger="dladiff"):
+        table = mos.mos_by_group([study_dir / mos.RATINGS_FILE, copy, study_dir])
+    assert "rater alice has ratings in 2 files" in caplog.text
     key_ours, key_mist = ("CelebA-HQ", "Ours", "dreambooth", PROMPT), ("CelebA-HQ", "MIST", "dreambooth", PROMPT)
     # Ours: 1,2,3,4,5,3 -> mean 3, s = sqrt(10/5) = 1.41421, s/√6 = 0.57735, t(0.975, 5) = 2.570582 -> 1.48413
     assert table[key_ours].mean == 3.0 and table[key_ours].half_width == pytest.approx(1.48413, abs=1e-5)

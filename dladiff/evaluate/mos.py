@@ -44,6 +44,7 @@ ITEMS_FORMAT = "dladiff-rating-items/1"
 CSV_FIELDS = ("rater", "item", "score", "time")
 SCORES = (1, 2, 3, 4, 5)
 FINETUNE_ATTACKS = ("dreambooth", "lora")
+ATTACKS = ("dreambooth", "lora", "faceid", "instantid")
 RATER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 SKIPPED_DIRS = {"_class_images", "features", "purified"}
 
@@ -177,6 +178,9 @@ def open_study(root: Path, attacks: Iterable[str] = FINETUNE_ATTACKS, per_group:
     if not root.is_dir():
         raise InputError(f"{root}: no such folder (give the output folder of `dladiff evaluate`)")
     settings = {"attacks": sorted(set(attacks)), "sample": per_group, "seed": seed}
+    unknown = [a for a in settings["attacks"] if a not in ATTACKS]
+    if unknown or not settings["attacks"]:
+        raise InputError(f"attacks {unknown or 'none'}: choose from {', '.join(ATTACKS)}")
     path = root / ITEMS_FILE
     with file_lock(root / LOCK_FILE):
         if path.exists():
@@ -315,16 +319,22 @@ def mos_by_group(sources: Iterable[Path], confidence: float = 0.95) -> dict[Grou
     image twice (or a file given twice) counts once, with the last rating.
     """
     latest: dict[tuple, tuple[GroupKey, int]] = {}
+    files_of: dict[str, set[Path]] = {}
     for source in sources:
         csv_path, items_path = ratings_source(source)
         items = {item["id"]: item for item in _read_record(items_path)["items"]}
         for row in read_ratings(csv_path):
+            files_of.setdefault(row["rater"], set()).add(csv_path.resolve())
             item = items.get(row["item"])
             if item is None:
                 log.warning("%s: item %r is not in %s, left out", csv_path, row["item"], items_path)
                 continue
             image = (item["dataset"], item["method"], item["identity"], item["attack"], item["prompt"], item["file"])
             latest[(row["rater"], image)] = (group_of(item), row["score"])
+    for rater, files in sorted(files_of.items()):
+        if len(files) > 1:
+            log.warning("rater %s has ratings in %d files (%s); if these are different people, their ratings of the same "
+                        "image count once: give each person an own --rater", rater, len(files), ", ".join(sorted(map(str, files))))
     groups: dict[GroupKey, list[tuple[str, int]]] = {}
     for (rater, _), (key, score) in latest.items():
         groups.setdefault(key, []).append((rater, score))
