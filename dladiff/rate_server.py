@@ -94,7 +94,7 @@ body { font-family: system-ui, sans-serif; margin: 0; background: #f4f4f4; color
 main { max-width: 1100px; margin: 0 auto; padding: 16px; display: flex; gap: 24px; flex-wrap: wrap; }
 h1 { font-size: 1.3rem; margin: 0 0 4px; }
 #view { flex: 1 1 520px; text-align: center; }
-#frame { width: 512px; height: 512px; max-width: 100%; margin: 8px auto; background: #ddd; display: flex;
+#frame { width: min(512px, 100%, 62vh); aspect-ratio: 1; margin: 8px auto; background: #ddd; display: flex;
          align-items: center; justify-content: center; }
 #frame[hidden] { display: none; }
 #shot { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
