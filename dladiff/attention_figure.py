@@ -27,6 +27,7 @@ from dladiff.config import Config
 from dladiff.data import Portrait, load_folder, load_portrait, model_batch, save_png
 from dladiff.diffusion.attention import AttentionStore, install_capture, layer_resolution
 from dladiff.diffusion.loading import SDComponents, encode_prompt, load_unet, token_positions
+from dladiff.diffusion.tiny import TINY_SD_ID
 from dladiff.errors import DladiffError, InputError
 
 log = logging.getLogger("dladiff")
@@ -232,8 +233,6 @@ def attention_figure(photos: Path, surrogate: Path, out: Path, components: SDCom
     num_blocks = len(components.unet.config.block_out_channels)
     latent_side = cfg.model.resolution // components.vae_scale_factor
     titles = [short_name(n, layer_resolution(n, latent_side, num_blocks)) for n in layers]
-    from dladiff.diffusion.tiny import TINY_SD_ID
-
     warning = "Tiny random model: this figure only shows that the drawing works." if cfg.model.id == TINY_SD_ID else ""
     figure = draw_figure(rows, layers, titles, settings, FOOTER.format(resolution=cfg.model.resolution, warning=warning))
     save_png(np.asarray(figure), Path(out))
