@@ -286,12 +286,16 @@ def evaluate_cmd(
 def evaluate_tables_cmd(
     eval_dirs: list[Path] = typer.Argument(..., help="Evaluation folders (each with results.json) to put in one set of tables."),
     out: Path = typer.Option(..., "--out", "-o", help="Markdown file to write."),
+    ratings: Optional[list[Path]] = typer.Option(None, "--ratings", help="A ratings.csv of `dladiff rate` (or its study folder), read with the rating_items.json beside it; repeat for several raters' files. Fills the MOS column of Tables 1 and 2."),
 ):
-    """Merge several evaluations (e.g. "w/o Protect", "Ours", other methods) into the paper's table layout."""
+    """Merge several evaluations (e.g. "w/o Protect", "Ours", other methods) into the paper's table layout.
+
+    MOS (with --ratings): mean and 95 % t-interval over all ratings, per dataset, method, attack and prompt.
+    """
     from dladiff.evaluate.report import write_comparison
 
     try:
-        write_comparison(eval_dirs, out)
+        write_comparison(eval_dirs, out, ratings or ())
     except DladiffError as exc:
         _fail(exc)
     typer.echo(f"tables written to {out}")
@@ -308,6 +312,82 @@ def configs_cmd():
         typer.echo(f"protect\t{name}\t{builtin_config_dir() / (name + '.yaml')}")
     for name in builtin_evaluate_names():
         typer.echo(f"evaluate\t{name}\t{builtin_evaluate_dir() / (name + '.yaml')}")
+
+
+@app.command("rate")
+def rate_cmd(
+    eval_dir: Path = typer.Argument(..., help="Study folder: an output folder of `dladiff evaluate`, or a folder holding several (one per method). Gets rating_items.json and ratings.csv."),
+    port: int = typer.Option(8765, "--port", help="Port on 127.0.0.1 (0: any free port)."),
+    rater: str = typer.Option("rater1", "--rater", help="Rater id stored with each rating (letters, digits, _ . @ -); each rater gets an own shuffled order."),
+    attacks: str = typer.Option("dreambooth,lora", "--attacks", help="Whose generated images to rate (comma list; the paper rates fine-tuning attacks)."),
+    sample: Optional[int] = typer.Option(None, "--sample", min=1, help="Rate at most N images per dataset, method, attack and prompt, drawn at random (the paper: 50 per method). Default: all."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --sample draw and of the raters' shuffles."),
+):
+    """Serve the MOS rating page of the paper (§7.2, Fig. 5) on 127.0.0.1 until Ctrl-C.
+
+    Images are shown one at a time, blinded (random ids) and shuffled across methods and identities;
+    keys 1-5 or buttons rate them. Each rating is appended to EVAL_DIR/ratings.csv at once; run the
+    same command again to continue where the rater stopped.
+    """
+    from dladiff.evaluate.mos import open_study
+    from dladiff.rate_server import RatingSession, make_server, url_of
+
+    logging.basicConfig(level=logging.INFO, format="dladiff: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    try:
+        parts = [a.strip() for a in attacks.split(",") if a.strip()]
+        session = RatingSession.start(open_study(eval_dir, parts, sample, seed), rater)
+        server = make_server(session, port)
+    except DladiffError as exc:
+        _fail(exc)
+    state = session.state()
+    typer.echo(f"rating page for {rater}: {url_of(server)}  ({state['rated']} of {state['total']} rated; Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo(f"stopped; ratings are in {eval_dir / 'ratings.csv'}")
+    finally:
+        server.server_close()
+
+
+@app.command("attention-maps")
+def attention_maps_cmd(
+    photos: Path = typer.Argument(..., help="Folder of clean portraits (the first --max-photos are drawn)."),
+    surrogate: Path = typer.Option(..., "--surrogate", "-s", help="Static surrogate (θs) folder from `dladiff finetune-surrogate` (or OUT/surrogate of protect)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+    protected: Optional[Path] = typer.Option(None, "--protected", help="Output folder of `dladiff protect` for these photos: adds rows for the protected copies (<stem>.png)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Word of the prompt whose maps are drawn (default: prompt.trigger of the config, sks)."),
+    timestep: int = typer.Option(200, "--timestep", min=0, help="Diffusion timestep of the one denoising pass (0-999; our choice, the paper gives none)."),
+    max_photos: int = typer.Option(2, "--max-photos", min=1, help="How many photos to draw."),
+    config: Optional[str] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    seed: Optional[int] = SeedOpt,
+    quiet: bool = QuietOpt,
+):
+    """Draw the cross-attention maps of the trigger token (paper Fig. 7) as a labelled grid PNG.
+
+    Rows: each photo, clean and protected, under the pretrained and the static-surrogate UNet;
+    columns: every cross-attention layer at layer1.attention.resolutions, and their mean. One
+    fixed pass: VAE posterior mean, noised at --timestep with the noise of --seed.
+    """
+    from dladiff.attention_figure import FigureSettings, attention_figure
+    from dladiff.diffusion.loading import load_sd
+    from dladiff.runtime import select_device
+
+    _setup_logging(quiet)
+    try:
+        cfg = _load(config, model, device, seed)
+        dev = select_device(cfg.runtime.device)
+        components = load_sd(cfg.model.id, cfg.model.revision, dev)
+        steps = components.noise_scheduler.config.num_train_timesteps
+        if timestep >= steps:
+            raise DladiffError(f"--timestep {timestep}: the model has timesteps 0-{steps - 1}")
+        settings = FigureSettings(cfg.prompt.instance, token or cfg.prompt.trigger, timestep, cfg.runtime.seed)
+        info = attention_figure(photos, surrogate, out, components, cfg, settings, protected, max_photos, dev)
+    except DladiffError as exc:
+        _fail(exc)
+    if not quiet:
+        typer.echo(f"attention maps of {len(info['rows'])} row(s) x {len(info['layers'])} layer(s) written to {out}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

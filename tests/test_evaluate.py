@@ -135,6 +135,12 @@ def test_evaluate_end_to_end_then_rerun_skips_work(tmp_path, clean_and_protected
     evaluate(protected, clean, out, smoke_cfg, quiet=True, scorers=scorers)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
+    from dladiff.evaluate.mos import discover_images  # `dladiff rate` finds exactly the fine-tuning attacks' images
+
+    found = discover_images(out, ["dreambooth", "lora"])
+    assert sorted(out / i["file"] for i in found) == [p for p in generated if p.parts[-3] in ("dreambooth", "lora")]
+    assert {(i["method"], i["identity"]) for i in found} == {("alice", "alice")}
+
 
 def test_changed_settings_redo_only_that_attack(tmp_path, clean_and_protected, smoke_cfg, scorers):
     from dladiff.evaluate.run import evaluate

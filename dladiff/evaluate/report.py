@@ -123,14 +123,39 @@ def prompts_of(runs: list[dict], attack: str) -> list[str]:
     return seen
 
 
-def finetune_table(runs: list[dict], attack: str, title: str) -> str | None:
-    """Table 1 / Table 2 layout: FDR, ISM, FID, FIQA, BRISQUE per dataset, method and prompt (MOS not computed)."""
+def fmt_mos(score) -> str:
+    """``mean ± half-width`` of a :class:`~dladiff.evaluate.mos.MOS`, — when there is none."""
+    if score is None:
+        return "—"
+    return f"{score.mean:.2f}" + ("" if is_missing(score.half_width) else f" ± {score.half_width:.2f}")
+
+
+def finetune_table(runs: list[dict], attack: str, title: str, mos: dict | None = None) -> str | None:
+    """Table 1 / Table 2 layout: FDR, ISM, FID, FIQA, BRISQUE (and MOS when ratings are given) per dataset, method and prompt."""
     keys = ("fdr", "ism", "fid", "fiqa", "brisque")
-    lines = [[run.get("dataset", ""), run.get("method", ""), r["prompt"]] + [fmt(r.get(k), DIGITS[k]) for k in keys]
-             for run in runs for r in pooled_of(run, attack)]
+    lines = []
+    for run in runs:
+        for r in pooled_of(run, attack):
+            line = [run.get("dataset", ""), run.get("method", ""), r["prompt"]] + [fmt(r.get(k), DIGITS[k]) for k in keys]
+            if mos:
+                line.append(fmt_mos(mos.get((run.get("dataset", ""), run.get("method", ""), attack, r["prompt"]))))
+            lines.append(line)
     if not lines:
         return None
-    return f"### {title}\n\n" + table(["Dataset", "Method", "Prompt"] + [LABELS[k] for k in keys], lines)
+    header = ["Dataset", "Method", "Prompt"] + [LABELS[k] for k in keys] + (["MOS"] if mos else [])
+    return f"### {title}\n\n" + table(header, lines)
+
+
+def mos_notes(runs: list[dict], mos: dict) -> str:
+    """How the MOS column was computed, and rated groups that match no table line."""
+    shown = {(run.get("dataset", ""), run.get("method", ""), r["attack"], r["prompt"])
+             for run in runs for r in run["rows"] if r["identity"] == POOLED}
+    lines = [f"- MOS {key[1]} / {key[2]} / “{key[3]}”: {m.n} ratings by {m.raters} rater(s)" for key, m in sorted(mos.items())]
+    lines += [f"- MOS ratings for {key[1]} ({key[0] or 'no dataset'}) / {key[2]} / “{key[3]}” match no evaluation given"
+              for key in sorted(mos) if key not in shown]
+    return ("### MOS\n\nMOS: the paper's 1-5 visual-quality scale (§7.2; lower = more distortion = stronger protection), "
+            "mean ± half-width of the 95 % t-interval over all ratings of the group (ratings treated as independent).\n\n"
+            + "\n".join(lines))
 
 
 def transfer_table(runs: list[dict]) -> str | None:
@@ -211,14 +236,18 @@ def notes(runs: list[dict]) -> str:
     return "### Notes\n\n" + "\n".join(lines) if lines else ""
 
 
-def render_markdown(runs: Sequence[dict], with_rows: bool = True) -> str:
-    """The paper's table layouts for one or several evaluations (one line per dataset and method)."""
+def render_markdown(runs: Sequence[dict], with_rows: bool = True, mos: dict | None = None) -> str:
+    """The paper's table layouts for one or several evaluations (one line per dataset and method).
+
+    ``mos``: (dataset, method, attack, prompt) → :class:`~dladiff.evaluate.mos.MOS`, from ``dladiff rate``.
+    """
     runs = list(runs)
+    mos_text = "MOS: see the MOS section." if mos else "MOS (subjective) is not computed (run `dladiff rate`, then give --ratings)."
     parts = ["# dladiff evaluation", "FDR, ISM: lower = stronger protection; FID: higher = stronger protection; "
-             "MOS (subjective) is not computed. — = not available (see Notes)."]
-    sections = [finetune_table(runs, "dreambooth", "Table 1 layout — DreamBooth"),
-                finetune_table(runs, "lora", "Table 2 layout — LoRA"), transfer_table(runs), zero_shot_table(runs),
-                photos_table(runs), per_identity_fid_table(runs)]
+             f"{mos_text} — = not available (see Notes)."]
+    sections = [finetune_table(runs, "dreambooth", "Table 1 layout — DreamBooth", mos),
+                finetune_table(runs, "lora", "Table 2 layout — LoRA", mos), transfer_table(runs), zero_shot_table(runs),
+                photos_table(runs), per_identity_fid_table(runs), mos_notes(runs, mos) if mos else None]
     parts += [s for s in sections if s]
     if with_rows and len(runs) == 1:
         parts.append(identity_table(runs[0]))
@@ -226,9 +255,13 @@ def render_markdown(runs: Sequence[dict], with_rows: bool = True) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def write_comparison(eval_dirs: Sequence[Path], out: Path) -> str:
-    """One set of tables with a line per evaluation (e.g. "w/o Protect" and "Ours" on each dataset)."""
+def write_comparison(eval_dirs: Sequence[Path], out: Path, ratings: Sequence[Path] = ()) -> str:
+    """One set of tables with a line per evaluation (e.g. "w/o Protect" and "Ours" on each dataset).
+
+    ``ratings``: ratings files (or study folders) of ``dladiff rate``, which fill the MOS column.
+    """
     from dladiff.evaluate.cache import read_json
+    from dladiff.evaluate.mos import mos_by_group
 
     runs = []
     for folder in eval_dirs:
@@ -236,7 +269,7 @@ def write_comparison(eval_dirs: Sequence[Path], out: Path) -> str:
         if results is None:
             raise InputError(f"{folder}: no results.json (run dladiff evaluate first)")
         runs.append(results)
-    markdown = render_markdown(runs, with_rows=False)
+    markdown = render_markdown(runs, with_rows=False, mos=mos_by_group(ratings) if ratings else None)
     atomic_write(Path(out), lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     return markdown
 
