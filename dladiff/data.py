@@ -41,6 +41,7 @@ log = logging.getLogger("dladiff")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 STRIP_ROWS = 64
+ORIENTATION = 0x0112
 """Rows of a photo processed at once by the full-size pixel functions."""
 
 
@@ -104,8 +105,10 @@ def _to_srgb(img: Image.Image, path: Path) -> Image.Image:
         return img
     space = source.profile.xcolor_space.strip()
     if "srgb" in (source.profile.profile_description or "").lower() or (space, img.mode) not in (
-            ("RGB", "RGB"), ("RGB", "RGBA"), ("CMYK", "CMYK")):
+            ("RGB", "RGB"), ("RGB", "RGBA"), ("RGB", "P"), ("CMYK", "CMYK")):
         return img
+    if img.mode == "P":
+        img = img.convert("RGBA")
     alpha = img.getchannel("A") if img.mode == "RGBA" else None
     converted = ImageCms.profileToProfile(img.convert("RGB") if alpha else img, source, SRGB, outputMode="RGB")
     if alpha is not None:
@@ -150,7 +153,9 @@ def load_portrait(path: Path, max_megapixels: float = InputConfig.max_megapixels
                 if frames > 1:
                     log.warning("%s: the file holds %d frames; only the first is protected", path, frames)
                 img.load()
-                pixels = _to_rgb8(_to_srgb(ImageOps.exif_transpose(img), path))
+                if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose would copy an upright photo too
+                    img = ImageOps.exif_transpose(img)
+                pixels = _to_rgb8(_to_srgb(img, path))
     except Image.DecompressionBombError as exc:
         raise InputError(f"{path}: too many pixels ({exc}); downscale the photo") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImageCms.PyCMSError) as exc:

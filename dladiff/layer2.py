@@ -54,9 +54,9 @@ from dladiff.faces.transfer import (
     smooth_gradient,
     template_variants,
 )
+from dladiff.layer2_resume import Layer2Checkpoints, photo_key
 from dladiff.pgd import pgd_update, project
 from dladiff.purify import eot_transform
-from dladiff.layer2_resume import Layer2Checkpoints, photo_key
 from dladiff.runtime import Interrupted, StopRequest, progress
 
 log = logging.getLogger("dladiff")
