@@ -68,7 +68,7 @@ def _score_text(verdict: dict) -> str:
 def face_lines(index: int, face: dict) -> list[str]:
     """Text lines for one face of a layer-2 report: its native verdicts, else the attack's own."""
     lines = []
-    for name, views in (face.get("verdicts") or {}).items():
+    for name, views in (face.get("native") or {}).items():
         parts = []
         for view, verdict in views.items():
             word = verdict_word(verdict.get("same_person"), verdict.get("detected"))

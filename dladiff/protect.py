@@ -22,7 +22,7 @@ from PIL import Image
 from dladiff import __version__
 from dladiff.config import Config, config_to_dict
 from dladiff.data import (Portrait, SkippedFile, atomic_write, apply_perturbation, check_output_folder, encode_png,
-                          grey_of, is_greyscale, linf_255, load_folder, model_batch, psnr, save_json)
+                          grey_of, is_greyscale, linf_255, load_folder, model_batch, psnr, save_json, save_png)
 from dladiff.errors import BoundViolationError, DladiffError
 from dladiff.outdir import LOCK, Manifest, output_lock, refuse_foreign_files
 from dladiff.runtime import StopRequest, select_device
@@ -30,6 +30,8 @@ from dladiff.runtime import StopRequest, select_device
 log = logging.getLogger("dladiff")
 
 RUN_DIR = ".dladiff-run"
+REPORT_HTML = "report.html"
+PREVIEW_DIR = "preview"
 LAYER1_RESULT = "layer1_result.safetensors"
 LAYER1_RESULT_KIND = "layer-1 result"
 REPORT = "report.json"
@@ -96,8 +98,8 @@ def _prepare_run_dir(out_dir: Path, resume: bool) -> Path:
 
 
 def planned_outputs(out_dir: Path, portraits: list[Portrait], layers: tuple[int, ...], surrogate_dir: Path | None) -> list[str]:
-    """Names in ``out_dir`` the run will write: the PNGs, ``report.json`` and the static surrogate's files."""
-    names = [p.output_name for p in portraits] + [REPORT]
+    """Names in ``out_dir`` the run will write: the PNGs, their previews, the reports and the static surrogate's files."""
+    names = [p.output_name for p in portraits] + [f"{PREVIEW_DIR}/{p.output_name}" for p in portraits] + [REPORT, REPORT_HTML]
     trained = Path(out_dir) / "surrogate"
     if 1 in layers and surrogate_dir is None and not (trained / "surrogate.json").is_file():
         names.append("surrogate/unet")  # replaced when the surrogate is trained; dladiff's has a surrogate.json beside it
@@ -221,9 +223,38 @@ def protect_folder(photos_dir: Path, out_dir: Path, cfg: Config, layers: tuple[i
         report = _report(photos_dir, out_dir, cfg, layers, device, entries, skipped + failed, layer1_info, limit)
         save_json(report, out_dir / REPORT)
         manifest.record(REPORT)
+        write_presentation(report, portraits, current, out_dir, manifest)
         if not failed:
             shutil.rmtree(run_dir, ignore_errors=True)
     return ProtectOutcome(out_dir, report, skipped, failed)
+
+
+def write_presentation(report: dict, portraits: list[Portrait], current: list[np.ndarray], out_dir: Path,
+                       manifest: Manifest) -> None:
+    """What a person looks at: ``preview/<photo>.png`` per saved photo and the self-contained ``report.html``.
+
+    A preview that cannot be written is a warning: the protected photos and report.json are already saved.
+    """
+    from dladiff.preview import preview_image
+    from dladiff.report_html import png_data_uri, render_report_html
+
+    saved = {entry["input"]: entry for entry in report["images"]}
+    previews = {}
+    for portrait, pixels in zip(portraits, current):
+        entry = saved.get(portrait.name)
+        if entry is None:
+            continue
+        strip = preview_image(portrait.pixels, pixels, (entry.get("layer2") or {}).get("faces") if "layer2" in entry else None)
+        name = f"{PREVIEW_DIR}/{portrait.output_name}"
+        try:
+            save_png(strip, out_dir / name)
+            manifest.record(name)
+        except DladiffError as exc:
+            log.warning("%s", exc)
+        previews[entry["output"]] = png_data_uri(strip)
+    html_text = render_report_html(report, previews)
+    atomic_write(out_dir / REPORT_HTML, lambda tmp: tmp.write_text(html_text, encoding="utf-8"))
+    manifest.record(REPORT_HTML)
 
 
 def _save_outputs(portraits, current, face_reports, out_dir: Path, limit: float, manifest: Manifest):

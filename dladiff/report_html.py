@@ -62,7 +62,7 @@ def _verdict_cell(verdict: dict | None) -> str:
 
 def _face_rows(index: int, face: dict, views: list[str]) -> list[str]:
     rows = []
-    verdicts = face.get("verdicts") or {}
+    verdicts = face.get("native") or {}
     for name, per in verdicts.items():
         own = (face.get("encoders") or {}).get(name, {})
         own_text = f"ISM {own['ism_pro']}" if "ism_pro" in own else "not in the loop"
@@ -79,7 +79,7 @@ def _face_rows(index: int, face: dict, views: list[str]) -> list[str]:
 
 def faces_table(faces: list[dict]) -> str:
     """The per-face, per-recognizer verdict table of one photo."""
-    views = list(dict.fromkeys(view for face in faces for per in (face.get("verdicts") or {}).values() for view in per))
+    views = list(dict.fromkeys(view for face in faces for per in (face.get("native") or {}).values() for view in per))
     views = views or ["as saved", "re-encoded"]
     head = "".join(f"<th>{html.escape(VIEW_LABELS.get(v, v))}</th>" for v in views)
     rows = [row for i, face in enumerate(faces) for row in _face_rows(i, face, views)]
@@ -112,7 +112,7 @@ def checked_sentence(report: dict) -> str:
     """A plain statement of what this report checked and what it did not."""
     layers = report.get("layers", [])
     judges = sorted({name for e in report.get("images", []) for f in (e.get("layer2") or {}).get("faces") or []
-                     for name in (f.get("verdicts") or {})})
+                     for name in (f.get("native") or {})})
     checked = [f"the L∞ bound ({_number(report.get('bound_linf_255', {}).get('checked_limit'))}/255) on every saved file"]
     if judges:
         checked.append("same-person verdicts by " + ", ".join(judges) + ", each through its own detector and alignment, "

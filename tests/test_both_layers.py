@@ -120,3 +120,16 @@ def test_combined_bound_holds_on_the_saved_files(both):
         measured = _diff(seen["saved"][name], clean[name]).max()
         assert measured == entry["linf_255"] <= limit
         assert measured > eta1  # both layers add up on the faces: the combined bound is what binds
+
+
+def test_previews_and_html_report_show_every_face(both):
+    _, outcome, _, _ = both
+    out = outcome.out_dir
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for entry in outcome.report["images"]:
+        strip = np.asarray(Image.open(out / "preview" / entry["output"]).convert("RGB"))
+        red = (strip[..., 0] > 200) & (strip[..., 1] < 100) & (strip[..., 2] < 100)
+        assert red.sum() > 50, "the first face is boxed in red"
+        assert entry["output"] in page
+    faces = sum(len(e["layer2"]["faces"]) for e in outcome.report["images"])
+    assert page.count("<tr><td>") >= faces, "one table row per face and recognizer"

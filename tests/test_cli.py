@@ -42,6 +42,12 @@ def test_protect_smoke_end_to_end(photo_dir, tmp_path):
     assert len(report["layer1"]["history"]) == 4
     assert (out / "surrogate" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (out / ".dladiff-run").exists()  # finished runs leave no checkpoint behind
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for entry in report["images"]:
+        strip = Image.open(out / "preview" / entry["output"])
+        assert strip.width >= 3 * min(480, entry["width"] * 480 // max(entry["height"], 1))
+        assert entry["input"] in page
+    assert "Layer 2 was not run on this photo." in page and "http" not in page.split("<h2>Settings")[0]
 
 
 def test_bad_file_is_skipped_and_exit_code_says_so(photo_dir, tmp_path, fast_config):

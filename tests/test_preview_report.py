@@ -13,7 +13,7 @@ from dladiff.report_html import checked_sentence, faces_table, png_data_uri, ren
 FACE = {
     "bbox": [170.0, 60.0, 290.0, 210.0],
     "encoders": {"dlib": {"ism_pro": 0.81, "same_person": False}},
-    "verdicts": {
+    "native": {
         "dlib": {"png": {"detected": True, "same_person": False, "distance": 0.71, "threshold": 0.6},
                  "jpeg75": {"detected": True, "same_person": True, "distance": 0.55, "threshold": 0.6}},
         "sface": {"png": {"detected": True, "same_person": False, "cosine": 0.21, "threshold": 0.363},
