@@ -279,7 +279,7 @@ def loader_size(height: int, width: int, resolution: int) -> tuple[int, int]:
 def _loader_crop(height: int, width: int, resolution: int) -> tuple[int, int, int, int]:
     """(new_h, new_w, top, left): torchvision's Resize(R) size and CenterCrop(R) offsets."""
     new_h, new_w = loader_size(height, width, resolution)
-    return new_h, new_w, int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    return new_h, new_w, round((new_h - resolution) / 2.0), round((new_w - resolution) / 2.0)
 
 
 def _axis_taps(n_photo: int, n_loader: int, offset: int, resolution: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:

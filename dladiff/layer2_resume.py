@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dladiff.config import Config, config_to_dict
-from dladiff.data import save_json, save_png
+from dladiff.data import atomic_write, save_json
 from dladiff.outdir import file_sha256
 
 log = logging.getLogger("dladiff")
@@ -54,12 +54,12 @@ class Layer2Checkpoints:
             if pixels.shape != tuple(shape):
                 raise ValueError(f"size {pixels.shape} instead of {tuple(shape)}")
             return pixels, data["report"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("layer-2 checkpoint %s is unusable (%s); redoing that photo", png, exc)
             return None
 
     def save(self, key: str, pixels: np.ndarray, report: dict) -> None:
         """Store one finished photo (PNG first, then the record that vouches for it)."""
         png = self.folder / f"{key}.png"
-        save_png(pixels, png)
+        atomic_write(png, lambda tmp: Image.fromarray(pixels, "RGB").save(tmp, format="PNG", compress_level=1))  # fast, lossless
         save_json({"key": key, "png_sha256": file_sha256(png), "report": report}, self.folder / f"{key}.json")

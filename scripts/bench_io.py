@@ -162,7 +162,7 @@ def protect_phase(width: int, height: int, config: str, layers: str) -> dict:
         cmd = [sys.executable, "-c", "from dladiff.cli import main; main()", "protect", str(photos), "--out", str(Path(tmp) / "out"),
                "--config", config, "--layers", layers, "--quiet"]
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {"phase": "protect", "width": width, "height": height, "config": config, "layers": layers,

@@ -12,8 +12,18 @@ from PIL import Image, ImageCms
 from torchvision import transforms
 
 from dladiff.config import ConfigError, load_config, with_overrides
-from dladiff.data import (STRIP_ROWS, apply_perturbation, delta_strips, linf_255, load_folder, load_portrait,
-                          model_batch, model_frame, psnr, resize)
+from dladiff.data import (
+    STRIP_ROWS,
+    apply_perturbation,
+    delta_strips,
+    linf_255,
+    load_folder,
+    load_portrait,
+    model_batch,
+    model_frame,
+    psnr,
+    resize,
+)
 from dladiff.errors import InputError
 from dladiff.png import adler32_combine, write_png
 from dladiff.protect import save_checked_png
@@ -250,8 +260,8 @@ def test_bound_violation_writes_nothing(tmp_path, real_photos):
 
 
 def test_the_evaluation_attacker_trains_on_the_loaders_crop(tmp_path, tiny_sd, real_photos, monkeypatch):
-    import dladiff.evaluate.dreambooth as dreambooth
     from dladiff.diffusion.loading import load_sd
+    from dladiff.evaluate import dreambooth
     from dladiff.evaluate.attack import AttackContext
     from dladiff.evaluate.config import load_evaluate_config
 

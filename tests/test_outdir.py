@@ -237,3 +237,18 @@ def test_cli_turns_a_stop_into_exit_130(monkeypatch, two_faces, tmp_path):
     monkeypatch.setattr(dladiff.protect, "protect_folder", stopped)
     result = run("protect", two_faces, "--out", tmp_path / "out", *LAYER2)
     assert result.exit_code == EXIT_INTERRUPTED and "--resume" in result.output and "Traceback" not in result.output
+
+
+def test_damaged_layer2_checkpoint_is_redone_not_trusted(tmp_path):
+    from dladiff.layer2_resume import Layer2Checkpoints
+
+    store = Layer2Checkpoints(tmp_path)
+    photo = np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3)
+    store.save("k", photo, {"faces": [], "no_face": True})
+    loaded, report = store.load("k", photo.shape)
+    assert np.array_equal(loaded, photo) and report == {"faces": [], "no_face": True}
+    assert store.load("k", (10, 12, 3)) is None  # another photo's size
+    Image.fromarray(photo[::-1].copy()).save(store.folder / "k.png")  # replaced behind the record's back
+    assert store.load("k", photo.shape) is None
+    (store.folder / "k.json").write_text("[1, 2]")
+    assert store.load("k", photo.shape) is None
