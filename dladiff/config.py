@@ -11,6 +11,7 @@ name): its keys are merged over the inherited file, section by section.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,8 +103,8 @@ class Layer2Config:
     step_size: float = 0.005  # α2, PGD step in [-1,1] units
     steps: int = 100  # maximum PGD steps per face
     threshold: float = 0.0  # τ: stop once the weighted cosine similarity is below this
-    encoders: dict[str, float] = field(default_factory=dict)  # name -> weight; empty = auto
-    detector: str = "auto"  # auto | dlib | insightface | retinaface
+    encoders: Union[Literal["auto"], dict[str, float]] = "auto"  # name -> weight, or auto: every real recognizer present
+    detector: str = "auto"  # auto | yunet | dlib | insightface | retinaface
     det_size: int = 640  # pixels, insightface detector input side
     model_root: str = "~/.insightface/models"  # where insightface packs live
     jitter_translation: float = 1.0  # pixels (std) added to the alignment's translation per step
@@ -286,7 +287,7 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (cfg.layer2.steps >= 0, "layer2.steps must be >= 0"),
         (cfg.layer2.crop_size >= 32, "layer2.crop_size must be at least 32 pixels"),
         (cfg.layer2.detect_retries >= 0 and 0 < cfg.layer2.detect_backoff < 1, "layer2.detect_retries >= 0 and 0 < layer2.detect_backoff < 1"),
-        (all(w >= 0 for w in cfg.layer2.encoders.values()), "layer2.encoders weights must be >= 0"),
+        (cfg.layer2.encoders == "auto" or all(math.isfinite(w) and w > 0 for w in cfg.layer2.encoders.values()), "layer2.encoders weights must be finite numbers > 0"),
         (cfg.layer2.momentum >= 0, "layer2.momentum must be >= 0"),
         (0 <= cfg.layer2.diversity_probability <= 1 and cfg.layer2.diversity_shrink > 1, "layer2.diversity_probability must be in [0, 1] and layer2.diversity_shrink > 1"),
         (cfg.layer2.ti_kernel >= 0, "layer2.ti_kernel must be >= 0 (pixels; 0 = off)"),

@@ -72,9 +72,12 @@ class Layer2Models:
 
 def prepare_layer2(cfg: Layer2Config) -> Layer2Models:
     """Load the face detector and the encoders named by the config (or the default ones)."""
-    weights = resolve_encoder_weights(dict(cfg.encoders), cfg.model_root)
+    weights = resolve_encoder_weights(cfg.encoders, cfg.model_root)
+    log.info("layer 2 encoders: %s", ", ".join(f"{name} (weight {w:g})" for name, w in weights.items()))
     encoders = {name: load_encoder(name, cfg.model_root) for name in weights}
-    return Layer2Models(make_detector(cfg.detector, cfg.model_root, cfg.det_size), encoders, weights)
+    detector = make_detector(cfg.detector, cfg.model_root, cfg.det_size)
+    log.info("layer 2 face detector: %s", detector.name)
+    return Layer2Models(detector, encoders, weights)
 
 
 def to_unit(pixels: np.ndarray) -> torch.Tensor:
