@@ -102,7 +102,10 @@ class Layer2Config:
     epsilon: float = 0.05  # η2, L∞ bound in [-1,1] units (0.05 ≈ 6.4/255)
     step_size: float = 0.005  # α2, PGD step in [-1,1] units
     steps: int = 100  # maximum PGD steps per face
-    threshold: float = 0.0  # τ: stop once the weighted cosine similarity is below this
+    threshold: float = 0.0  # τ: fixed weighting, stop once the weighted cosine similarity is below this
+    weighting: Literal["fixed", "normalized"] = "normalized"  # fixed: paper's Σ w·cos (Eq. 10); normalized: each term on its own threshold
+    hinge_margin: float = 0.3  # normalized units (share of the clean-to-threshold gap) past its threshold where an encoder stops pulling; < 0 = no hinge
+    native_verdicts: bool = True  # report each face's same-person verdict from every encoder's own pipeline (and retry faces it loses)
     encoders: Union[Literal["auto"], dict[str, float]] = "auto"  # name -> weight, or auto: every real recognizer present
     detector: str = "auto"  # auto | yunet | dlib | insightface | retinaface
     det_size: int = 640  # pixels, insightface detector input side
