@@ -123,6 +123,7 @@ class Layer2Config:
     ti_kernel: int = 7  # TI-FGSM (Dong et al. 2019): pixels of δ2's grid, side of the Gaussian smoothing the gradient; 0 = off
     align_samples: int = 1  # jittered alignments per encoder and step, their cosines averaged (alignment diversity)
     align_templates: tuple[str, ...] = ()  # other pipelines' 5-point templates drawn too: arcface, dlib
+    landmark_sources: tuple[str, ...] = ()  # other real landmark sources whose alignments are drawn too: yunet, dlib68, dlib5, scrfd
     feature_weight: float = 0.0  # weight of the intermediate-feature cosine next to the embedding's (0 = embedding only)
     feature_depths: tuple[float, ...] = (0.5,)  # relative depths in (0, 1] of the convolutions whose outputs are compared
 
@@ -296,6 +297,8 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (cfg.layer2.ti_kernel >= 0, "layer2.ti_kernel must be >= 0 (pixels; 0 = off)"),
         (cfg.layer2.align_samples >= 1, "layer2.align_samples must be >= 1"),
         (set(cfg.layer2.align_templates) <= {"arcface", "dlib"}, "layer2.align_templates may only name arcface and dlib"),
+        (set(cfg.layer2.landmark_sources) <= {"yunet", "dlib68", "dlib5", "scrfd"}, "layer2.landmark_sources may only name yunet, dlib68, dlib5, scrfd"),
+        (cfg.layer2.weighting == "fixed" or math.isfinite(cfg.layer2.hinge_margin), "layer2.hinge_margin must be a finite number"),
         (cfg.layer2.feature_weight >= 0 and all(0 < d <= 1 for d in cfg.layer2.feature_depths), "layer2.feature_weight must be >= 0 and layer2.feature_depths within (0, 1]"),
         (cfg.method.mist.target_period >= 2, "method.mist.target_period must be >= 2"),
         (cfg.method.anti_diffusion.prompt_steps >= 0, "method.anti_diffusion.prompt_steps must be >= 0"),

@@ -44,6 +44,7 @@ from dladiff.faces.align import (
 )
 from dladiff.faces.detect import Face, FaceDetector, make_detector
 from dladiff.faces.ensemble import Ensemble
+from dladiff.faces.landmarks import SourceFace, make_sources, nearest, source_alignments
 from dladiff.faces.encoders import (
     IdentityEncoder,
     load_encoder,
@@ -75,6 +76,7 @@ class Layer2Models:
     weights: dict[str, float]
     judges: dict[str, Judge] = dataclasses.field(default_factory=dict)  # native pipelines of the encoders that have one
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))  # wall time per phase
+    sources: list = dataclasses.field(default_factory=list)  # extra landmark sources (alignment diversity)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -96,7 +98,8 @@ def prepare_layer2(cfg: Layer2Config) -> Layer2Models:
     if cfg.native_verdicts:
         judges = {name: judge for name in weights if (judge := native_judge(name, cfg.model_root, cfg.det_size))}
     log.info("layer 2 face detector: %s; native verdicts by: %s", detector.name, ", ".join(judges) or "none")
-    return Layer2Models(detector, encoders, weights, judges)
+    sources = make_sources(cfg.landmark_sources, cfg.model_root, cfg.det_size, skip=detector.name)
+    return Layer2Models(detector, encoders, weights, judges, sources=sources)
 
 
 def to_unit(pixels: np.ndarray) -> torch.Tensor:
@@ -170,12 +173,21 @@ def encoder_templates(encoder: IdentityEncoder, others: tuple[str, ...]) -> list
 
 
 def build_problem(clean_face: Face, protected_face: Face, x1: torch.Tensor, clean: torch.Tensor,
-                  models: Layer2Models, cfg: Layer2Config) -> FaceProblem:
-    """Alignments of the face on x1 for each encoder and the master grid, and clean embeddings."""
+                  models: Layer2Models, cfg: Layer2Config,
+                  source_faces: dict[str, list[SourceFace]] | None = None) -> FaceProblem:
+    """Alignments of the face on x1 for each encoder and the master grid, and clean embeddings.
+
+    ``source_faces``: faces of x1 by other landmark sources; each one matched to this face adds
+    its alignment to every encoder's list (dlib's own chip matrix for the dlib encoder).
+    """
     height, width = x1.shape[-2:]
     master = alignment_matrix(protected_face.landmarks, master_template(cfg.crop_size))
     per_encoder = {n: [alignment_matrix(protected_face.landmarks, t) for t in encoder_templates(e, cfg.align_templates)]
                    for n, e in models.encoders.items()}
+    matched = [found for faces in (source_faces or {}).values() if (found := nearest(protected_face, faces))]
+    for name, encoder in models.encoders.items():
+        per_encoder[name] += [source_alignments(found, encoder.template, encoder.crop_size, name == "dlib")
+                              for found in matched]
     sized = [(master, cfg.crop_size)] + [(M, models.encoders[n].crop_size) for n, Ms in per_encoder.items() for M in Ms]
     x0, y0, x1_, y1_ = crop_box(sized, height, width)
     return FaceProblem(
@@ -337,7 +349,9 @@ def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer
         return x1_pixels.copy(), []
     rng = np.random.default_rng(seed)
     with models.phase("alignment"):
-        problems = [build_problem(face, match_face(face, protected_faces), x1, clean, models, cfg) for face in clean_faces]
+        source_faces = {source.name: source.faces(x1_pixels) for source in models.sources}
+        problems = [build_problem(face, match_face(face, protected_faces), x1, clean, models, cfg, source_faces)
+                    for face in clean_faces]
     scales = [1.0] * len(problems)
     with models.phase("pgd"):
         runs = [attack_face(problem, models, cfg, 1.0, rng, eot) for problem in problems]
