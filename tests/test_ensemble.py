@@ -43,6 +43,9 @@ def test_combine_and_stop_rules():
     assert fixed.done({"a": -0.1, "b": -0.1}, tau=0.0) and not fixed.done({"a": 0.5, "b": -0.9}, tau=0.0)
     hinged = Ensemble({"a": 1.0, "b": 1.0}, "normalized", 0.3)
     assert hinged.done({"a": 0.0, "b": 0.0}, tau=0.0) and not hinged.done({"a": 0.0, "b": 0.01}, tau=0.0)
+    plain = Ensemble({"a": 1.0, "b": 1.0}, "normalized", -1.0)
+    assert not plain.done({"a": -2.0, "b": 0.5}, tau=0.0)  # the mean is past, encoder b is not
+    assert plain.done({"a": -2.0, "b": -0.01}, tau=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +92,11 @@ def test_hinged_encoder_past_its_threshold_gives_no_gradient_on_real_crops(two_p
     for name in ("dlib", "sface"):
         assert terms[name, "other"] == 0.0 and grads[name, "other"] == 0.0
         assert terms[name, "same"] > 0.8 and grads[name, "same"] > 0.0
+
+
+def test_paper_config_is_plain_fixed_weighted_pgd_and_default_is_balanced():
+    from dladiff.config import load_config
+
+    paper, default = load_config("layer2_paper").layer2, load_config().layer2
+    assert (paper.weighting, paper.momentum, paper.diversity_probability, paper.ti_kernel) == ("fixed", 0.0, 0.0, 0)
+    assert default.weighting == "normalized" and default.hinge_margin >= 0 and default.encoders == "auto"

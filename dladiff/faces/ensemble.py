@@ -11,8 +11,8 @@ recognizers of different margins one of them takes the whole budget: dlib's cosi
 
 so s_k = 1 for the clean face, 0 at the encoder's own threshold and < 0 past it. With a hinge
 margin m ≥ 0 each term is max(s_k + m, 0): an encoder already past its threshold by m stops
-pulling the perturbation, and the budget goes to the others. The attack stops when every term is
-0 (every encoder past its threshold by the margin).
+pulling the perturbation, and the budget goes to the others. The attack stops when every encoder
+is past its threshold (by the margin when hinged).
 
 Shapes: embeddings ``(N, D)`` (N alignment samples), the clean embedding ``(D,)``; scores ``(N,)``.
 """
@@ -70,7 +70,11 @@ class Ensemble:
         return sum(self.weights[name] * term for name, term in terms.items()) / total
 
     def done(self, terms: dict[str, float], tau: float) -> bool:
-        """Stop PGD: fixed, once the weighted cosine is below τ (Eq. 11); hinged, once every term is 0."""
-        if self.weighting == "fixed" or self.margin < 0:
+        """Stop PGD: fixed, once the weighted cosine is below τ (Eq. 11); normalized, once every encoder is
+        past its own threshold (hinged: by the margin, every term 0). A weighted mean of normalized scores
+        would stop with one encoder far past and another not past at all."""
+        if self.weighting == "fixed":
             return float(self.combine({n: torch.tensor(v) for n, v in terms.items()})) < tau
+        if self.margin < 0:
+            return all(value < 0.0 for value in terms.values())
         return all(value <= 0.0 for value in terms.values())
