@@ -12,8 +12,9 @@ clean photo is layer 2's input).
 Judges: the native pipeline of every in-loop encoder (dlib's C++ pipeline, OpenCV's YuNet +
 SFace, insightface's FaceAnalysis; :mod:`dladiff.faces.verdicts`) and, with ``--mobileface
 PATH``, mobileface through YuNet + alignCrop + onnxruntime (cosine < 0.35 = another person). With
-``--mobileface-in-loop`` mobileface is also put in the loop (as ``onnx:`` encoder, by path) —
-leave-one-out rows name the two in-loop encoders with ``--set layer2.encoders=...``.
+``--mobileface-in-loop`` mobileface is also put in the loop (as ``onnx:`` encoder, by path), and
+``--judge NAME`` adds the native pipeline of a registered recognizer kept out of the loop:
+leave-one-out rows name the in-loop encoders with ``--set layer2.encoders=...``.
 
 Reported, per judge: share of the clean photo's faces it no longer sees as the same person, on
 the saved pixels and after JPEG 75, and the share it still detects; photo PSNR and L∞ (0..255);
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated photo names to keep")
     parser.add_argument("--mobileface", type=Path, help="mobileface.onnx: judge (and with --mobileface-in-loop, encoder)")
     parser.add_argument("--mobileface-in-loop", action="store_true")
+    parser.add_argument("--judge", action="append", default=[],
+                        help="extra native judge not in the loop: dlib, sface, arcface-r50, arcface-r100 (leave-one-out)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--save", type=Path, help="folder to write the protected PNGs into")
     args = parser.parse_args()
@@ -100,7 +103,7 @@ def main() -> None:
 
     from dladiff.config import load_config, parse_overrides, with_overrides
     from dladiff.data import linf_255, psnr
-    from dladiff.faces.verdicts import OnnxJudge, native_verdicts
+    from dladiff.faces.verdicts import OnnxJudge, native_judge, native_verdicts
     from dladiff.layer2 import prepare_layer2, protect_image
 
     if args.threads:
@@ -117,6 +120,8 @@ def main() -> None:
     extra = {}
     if args.mobileface and not args.mobileface_in_loop:
         extra["mobileface"] = OnnxJudge("mobileface", args.mobileface, MOBILEFACE_THRESHOLD)
+    for name in args.judge:
+        extra[name] = native_judge(name, cfg.layer2.model_root, cfg.layer2.det_size)
     startup = time.perf_counter() - START
 
     photos = {**real_photos(), **(folder_photos(args.photos) if args.photos else {})}
@@ -126,7 +131,7 @@ def main() -> None:
     extra_seconds = 0.0
     for name, clean in photos.items():
         start = time.perf_counter()
-        protected, faces = protect_image(clean, clean, models, cfg.layer2, cfg.runtime.seed)
+        protected, faces = protect_image(clean, clean, models, cfg.layer2, cfg.runtime.seed, cfg.eot)
         seconds = time.perf_counter() - start
         faces_total += len(faces)
         if args.save:
