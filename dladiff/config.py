@@ -123,7 +123,7 @@ class Layer2Config:
     ti_kernel: int = 7  # TI-FGSM (Dong et al. 2019): pixels of δ2's grid, side of the Gaussian smoothing the gradient; 0 = off
     align_samples: int = 1  # jittered alignments per encoder and step, their cosines averaged (alignment diversity)
     align_templates: tuple[str, ...] = ()  # other pipelines' 5-point templates drawn too: arcface, dlib
-    landmark_sources: tuple[str, ...] = ()  # other real landmark sources whose alignments are drawn too: yunet, dlib68, dlib5, scrfd
+    landmark_sources: tuple[str, ...] = ("dlib68", "dlib5")  # other real landmark sources whose alignments are drawn too: yunet, dlib68, dlib5, scrfd
     feature_weight: float = 0.0  # weight of the intermediate-feature cosine next to the embedding's (0 = embedding only)
     feature_depths: tuple[float, ...] = (0.5,)  # relative depths in (0, 1] of the convolutions whose outputs are compared
 
