@@ -19,7 +19,8 @@ leave-one-out rows name the in-loop encoders with ``--set layer2.encoders=...``.
 Reported, per judge: share of the clean photo's faces it no longer sees as the same person, on
 the saved pixels and after JPEG 75, and the share it still detects; photo PSNR and L∞ (0..255);
 seconds per face split by phase (detection, alignment, pgd, inverse_warp, retries, verdicts) plus
-start-up (imports and model loading) apart; peak resident memory. Timings on a shared CPU are noisy.
+start-up (imports and model loading) apart; CPU seconds per face (the process's user + system time: a
+fairer figure than wall time on a shared machine); peak resident memory. Timings on a shared CPU are noisy.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def main() -> None:
     if args.only:
         photos = {k: v for k, v in photos.items() if k in args.only.split(",")}
     verdicts, rows, faces_total = [], [], 0
-    extra_seconds = 0.0
+    extra_seconds, cpu_start = 0.0, time.process_time()
     for name, clean in photos.items():
         start = time.perf_counter()
         protected, faces = protect_image(clean, clean, models, cfg.layer2, cfg.runtime.seed, cfg.eot)
@@ -149,6 +150,7 @@ def main() -> None:
                      "steps": [f["steps"] for f in faces], "bound_scale": [f["bound_scale"] for f in faces],
                      "native": judged,
                      "attack_own": [{n: e.get("distance", e["ism_pro"]) for n, e in f["encoders"].items()} for f in faces]})
+    cpu_per_face = (time.process_time() - cpu_start) / max(faces_total, 1)
     per_face = {phase: round(total / max(faces_total, 1), 3) for phase, total in models.seconds.items()}
     result = {
         "layer2": {k: v for k, v in vars(cfg.layer2).items() if k != "model_root"},
@@ -162,6 +164,8 @@ def main() -> None:
         "startup_seconds": round(startup, 2),
         "seconds_per_face": {**per_face, "layer2_total": round(sum(models.seconds.values()) / max(faces_total, 1), 3),
                              "extra_judges": round(extra_seconds / max(faces_total, 1), 3)},
+        "cpu_seconds_per_face": round(cpu_per_face, 2),
+        "startup_cpu_seconds": round(cpu_start, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "photos": rows,
     }
