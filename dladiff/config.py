@@ -104,9 +104,12 @@ class Layer2Config:
     epsilon: float = 0.05  # η2, L∞ bound in [-1,1] units (0.05 ≈ 6.4/255)
     step_size: float = 0.005  # α2, PGD step in [-1,1] units
     steps: int = 100  # maximum PGD steps per face
-    threshold: float = 0.0  # τ: stop once the weighted cosine similarity is below this
-    encoders: dict[str, float] = field(default_factory=dict)  # name -> weight; empty = auto
-    detector: str = "auto"  # auto | dlib | insightface | retinaface
+    threshold: float = 0.0  # τ: fixed weighting, stop once the weighted cosine similarity is below this
+    weighting: Literal["fixed", "normalized"] = "normalized"  # fixed: paper's Σ w·cos (Eq. 10); normalized: each term on its own threshold
+    hinge_margin: float = 0.3  # normalized units (share of the clean-to-threshold gap) past its threshold where an encoder stops pulling; < 0 = no hinge
+    native_verdicts: bool = True  # report each face's same-person verdict from every encoder's own pipeline (and retry faces it loses)
+    encoders: Union[Literal["auto"], dict[str, float]] = "auto"  # name -> weight, or auto: every real recognizer present
+    detector: str = "auto"  # auto | yunet | dlib | insightface | retinaface
     det_size: int = 640  # pixels, insightface detector input side
     model_root: str = "~/.insightface/models"  # where insightface packs live
     jitter_translation: float = 1.0  # pixels (std) added to the alignment's translation per step
@@ -122,6 +125,7 @@ class Layer2Config:
     ti_kernel: int = 7  # TI-FGSM (Dong et al. 2019): pixels of δ2's grid, side of the Gaussian smoothing the gradient; 0 = off
     align_samples: int = 1  # jittered alignments per encoder and step, their cosines averaged (alignment diversity)
     align_templates: tuple[str, ...] = ()  # other pipelines' 5-point templates drawn too: arcface, dlib
+    landmark_sources: tuple[str, ...] = ("dlib68", "dlib5")  # other real landmark sources whose alignments are drawn too: yunet, dlib68, dlib5, scrfd
     feature_weight: float = 0.0  # weight of the intermediate-feature cosine next to the embedding's (0 = embedding only)
     feature_depths: tuple[float, ...] = (0.5,)  # relative depths in (0, 1] of the convolutions whose outputs are compared
 
@@ -302,13 +306,15 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (cfg.layer2.steps >= 0, "layer2.steps must be >= 0"),
         (cfg.layer2.crop_size >= 32, "layer2.crop_size must be at least 32 pixels"),
         (cfg.layer2.detect_retries >= 0 and 0 < cfg.layer2.detect_backoff < 1, "layer2.detect_retries >= 0 and 0 < layer2.detect_backoff < 1"),
-        (all(math.isfinite(w) and w > 0 for w in cfg.layer2.encoders.values()),
+        (cfg.layer2.encoders == "auto" or all(math.isfinite(w) and w > 0 for w in cfg.layer2.encoders.values()),
          f"layer2.encoders weights must be finite numbers > 0, got {cfg.layer2.encoders}; leave an encoder out instead of giving it weight 0"),
         (cfg.layer2.momentum >= 0, "layer2.momentum must be >= 0"),
         (0 <= cfg.layer2.diversity_probability <= 1 and cfg.layer2.diversity_shrink > 1, "layer2.diversity_probability must be in [0, 1] and layer2.diversity_shrink > 1"),
         (cfg.layer2.ti_kernel >= 0, "layer2.ti_kernel must be >= 0 (pixels; 0 = off)"),
         (cfg.layer2.align_samples >= 1, "layer2.align_samples must be >= 1"),
         (set(cfg.layer2.align_templates) <= {"arcface", "dlib"}, "layer2.align_templates may only name arcface and dlib"),
+        (set(cfg.layer2.landmark_sources) <= {"yunet", "dlib68", "dlib5", "scrfd"}, "layer2.landmark_sources may only name yunet, dlib68, dlib5, scrfd"),
+        (cfg.layer2.weighting == "fixed" or math.isfinite(cfg.layer2.hinge_margin), "layer2.hinge_margin must be a finite number"),
         (cfg.layer2.feature_weight >= 0 and all(0 < d <= 1 for d in cfg.layer2.feature_depths), "layer2.feature_weight must be >= 0 and layer2.feature_depths within (0, 1]"),
         (cfg.method.mist.target_period >= 2, "method.mist.target_period must be >= 2"),
         (cfg.method.anti_diffusion.prompt_steps >= 0, "method.anti_diffusion.prompt_steps must be >= 0"),

@@ -22,8 +22,11 @@ JPEG / resize / blur (:func:`dladiff.purify.eot_transform`) before the encoders 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +43,15 @@ from dladiff.faces.align import (
     warp_to_crop,
 )
 from dladiff.faces.detect import Face, FaceDetector, make_detector
+from dladiff.faces.ensemble import Ensemble
+from dladiff.faces.landmarks import SourceFace, make_sources, nearest, source_alignments
 from dladiff.faces.encoders import (
     IdentityEncoder,
     load_encoder,
     named_template,
     resolve_encoder_weights,
 )
+from dladiff.faces.verdicts import Judge, judge_all, native_judge, native_verdicts, undetected
 from dladiff.faces.transfer import (
     FeatureTap,
     diverse_inputs,
@@ -69,13 +75,32 @@ class Layer2Models:
     detector: FaceDetector
     encoders: dict[str, IdentityEncoder]
     weights: dict[str, float]
+    judges: dict[str, Judge] = dataclasses.field(default_factory=dict)  # native pipelines of the encoders that have one
+    seconds: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))  # wall time per phase
+    sources: list = dataclasses.field(default_factory=list)  # extra landmark sources (alignment diversity)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Add the wall time of the block to ``seconds[name]`` (detection, alignment, pgd, inverse_warp, retries, verdicts)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
 
 
 def prepare_layer2(cfg: Layer2Config) -> Layer2Models:
     """Load the face detector and the encoders named by the config (or the default ones)."""
-    weights = resolve_encoder_weights(dict(cfg.encoders), cfg.model_root)
+    weights = resolve_encoder_weights(cfg.encoders, cfg.model_root)
+    log.info("layer 2 encoders: %s", ", ".join(f"{name} (weight {w:g})" for name, w in weights.items()))
     encoders = {name: load_encoder(name, cfg.model_root) for name in weights}
-    return Layer2Models(make_detector(cfg.detector, cfg.model_root, cfg.det_size), encoders, weights)
+    detector = make_detector(cfg.detector, cfg.model_root, cfg.det_size)
+    judges = {}
+    if cfg.native_verdicts:
+        judges = {name: judge for name in weights if (judge := native_judge(name, cfg.model_root, cfg.det_size))}
+    log.info("layer 2 face detector: %s; native verdicts by: %s", detector.name, ", ".join(judges) or "none")
+    sources = make_sources(cfg.landmark_sources, cfg.model_root, cfg.det_size, skip=detector.name)
+    return Layer2Models(detector, encoders, weights, judges, sources=sources)
 
 
 def to_unit(pixels: np.ndarray) -> torch.Tensor:
@@ -149,12 +174,21 @@ def encoder_templates(encoder: IdentityEncoder, others: tuple[str, ...]) -> list
 
 
 def build_problem(clean_face: Face, protected_face: Face, x1: torch.Tensor, clean: torch.Tensor,
-                  models: Layer2Models, cfg: Layer2Config) -> FaceProblem:
-    """Alignments of the face on x1 for each encoder and the master grid, and clean embeddings."""
+                  models: Layer2Models, cfg: Layer2Config,
+                  source_faces: dict[str, list[SourceFace]] | None = None) -> FaceProblem:
+    """Alignments of the face on x1 for each encoder and the master grid, and clean embeddings.
+
+    ``source_faces``: faces of x1 by other landmark sources; each one matched to this face adds
+    its alignment to every encoder's list (dlib's own chip matrix for the dlib encoder).
+    """
     height, width = x1.shape[-2:]
     master = alignment_matrix(protected_face.landmarks, master_template(cfg.crop_size))
     per_encoder = {n: [alignment_matrix(protected_face.landmarks, t) for t in encoder_templates(e, cfg.align_templates)]
                    for n, e in models.encoders.items()}
+    matched = [found for faces in (source_faces or {}).values() if (found := nearest(protected_face, faces))]
+    for name, encoder in models.encoders.items():
+        per_encoder[name] += [source_alignments(found, encoder.template, encoder.crop_size, name == "dlib")
+                              for found in matched]
     sized = [(master, cfg.crop_size)] + [(M, models.encoders[n].crop_size) for n, Ms in per_encoder.items() for M in Ms]
     x0, y0, x1_, y1_ = crop_box(sized, height, width)
     return FaceProblem(
@@ -180,7 +214,7 @@ class IdentityAttack:
                  eot: EOTConfig | None = None):
         self.problem, self.models, self.cfg, self.rng = problem, models, cfg, rng
         self.eot = eot if eot is not None and eot.enabled else None
-        self.total_weight = sum(models.weights.values()) or 1.0
+        self.ensemble = Ensemble(models.weights, cfg.weighting, cfg.hinge_margin)
         needs_torch_rng = self.eot is not None or cfg.diversity_probability > 0
         self.generator = torch.Generator().manual_seed(int(rng.integers(2**31))) if needs_torch_rng else None
         patch = problem.patch
@@ -230,39 +264,43 @@ class IdentityAttack:
             crops, reference = stacked[:, :3], None if reference is None else stacked[:, 3:].detach()
         return crops, reference
 
+    def encoder_term(self, encoder: IdentityEncoder, crops: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """One encoder's term of Eq. 10 on its crops (mean over alignment samples), weighted as the ensemble says."""
+        return self.ensemble.score(encoder(crops), clean, encoder.threshold, encoder.threshold_kind).mean()
+
     def encoder_loss(self, name: str, encoder: IdentityEncoder, perturbed: torch.Tensor, jitter: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embedding cosine, loss) of one encoder: the loss adds λ_f · feature cosine when optimizing."""
+        """(term, loss) of one encoder: the loss adds λ_f · feature cosine when optimizing."""
         with_features = jitter and self.cfg.feature_weight > 0
         crops, reference = self.encoder_crops(perturbed, self.sample_alignments(name, encoder, jitter),
                                               encoder.crop_size, diverse=jitter, with_reference=with_features)
         clean = self.problem.clean_embeddings[name]
         if not with_features:
-            cos = F.cosine_similarity(encoder(crops), clean[None], dim=1).mean()
-            return cos, cos
+            term = self.encoder_term(encoder, crops, clean)
+            return term, term
         with FeatureTap(encoder, self.cfg.feature_depths) as tap:
             with torch.no_grad():
                 encoder(reference)
                 reference_features = tap.collect()
-            cos = F.cosine_similarity(encoder(crops), clean[None], dim=1).mean()
+            term = self.encoder_term(encoder, crops, clean)
             features = feature_similarity(tap.collect(), reference_features)
-        return cos, cos + self.cfg.feature_weight * features
+        return term, term + self.cfg.feature_weight * features
 
     def similarity(self, delta: torch.Tensor, jitter: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """(weighted cosine L_id / Σw, the loss to descend, per-encoder cosines); differentiable in δ2.
+        """(weighted terms L_id / Σw, the loss to descend, per-encoder terms); differentiable in δ2.
 
-        ``jitter`` marks an optimization step: random alignments, EOT, DI and feature terms apply.
+        Terms are cosines (``weighting: fixed``, Eq. 10) or hinged margin scores (``normalized``,
+        :mod:`dladiff.faces.ensemble`). ``jitter`` marks an optimization step: random alignments,
+        EOT, DI and feature terms apply.
         """
         perturbed = self.perturbed_patch(delta)
         if jitter and self.eot is not None:
             perturbed = eot_transform(perturbed, self.generator, self.eot)
-        total, loss, parts = 0.0, 0.0, {}
+        terms, losses = {}, {}
         for name, encoder in self.models.encoders.items():
-            cos, encoder_loss = self.encoder_loss(name, encoder, perturbed, jitter)
-            parts[name] = float(cos.detach())
-            total = total + self.models.weights[name] * cos
-            loss = loss + self.models.weights[name] * encoder_loss
-        return total / self.total_weight, loss / self.total_weight, parts
+            terms[name], losses[name] = self.encoder_loss(name, encoder, perturbed, jitter)
+        parts = {name: float(term.detach()) for name, term in terms.items()}
+        return self.ensemble.combine(terms), self.ensemble.combine(losses), parts
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient PGD signs: TI-smoothed, then accumulated with MI momentum when enabled."""
@@ -278,9 +316,9 @@ class IdentityAttack:
         steps, value = 0, float("nan")
         for steps in range(1, self.cfg.steps + 1):
             delta = self.delta.clone().requires_grad_(True)
-            similarity, loss, _ = self.similarity(delta, jitter=True)
+            similarity, loss, parts = self.similarity(delta, jitter=True)
             value = float(similarity.detach())
-            if value < self.cfg.threshold:
+            if self.ensemble.done(parts, self.cfg.threshold):
                 steps -= 1
                 break
             (grad,) = torch.autograd.grad(loss, delta)
@@ -297,34 +335,55 @@ def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer
     ``eot``: when given and enabled, every PGD step sees the perturbed face through a random
     differentiable JPEG / resize / blur (expectation over transformations).
 
-    A face that the perturbation hides from the detector is optimized again with its bound
+    A face that the perturbation hides from the detector, or from any native pipeline in
+    ``models.judges`` (YuNet for sface, dlib's HOG for dlib), is optimized again with its bound
     scaled by ``detect_backoff`` (at most ``detect_retries`` times): the aim is a face that is
-    read as someone else, not a face that vanishes.
+    read as someone else, not a face that vanishes. Each face report holds the attack's own
+    measurement (``encoders``) and the native pipelines' verdicts (``native``, on the returned
+    pixels and after JPEG 75).
     """
     x1, clean = to_unit(x1_pixels), to_unit(clean_pixels)
-    clean_faces = models.detector.detect(clean_pixels)
+    with models.phase("detection"):
+        clean_faces = models.detector.detect(clean_pixels)
+        protected_faces = models.detector.detect(x1_pixels) if clean_faces else []
     if not clean_faces:
         return x1_pixels.copy(), []
-    protected_faces = models.detector.detect(x1_pixels)
     rng = np.random.default_rng(seed)
-    problems = [build_problem(face, match_face(face, protected_faces), x1, clean, models, cfg) for face in clean_faces]
+    with models.phase("alignment"):
+        source_faces = {source.name: source.faces(x1_pixels) for source in models.sources}
+        problems = [build_problem(face, match_face(face, protected_faces), x1, clean, models, cfg, source_faces)
+                    for face in clean_faces]
     scales = [1.0] * len(problems)
-    runs = [attack_face(problem, models, cfg, 1.0, rng, eot) for problem in problems]
+    with models.phase("pgd"):
+        runs = [attack_face(problem, models, cfg, 1.0, rng, eot) for problem in problems]
+    boxes = [face.bbox for face in clean_faces]
+    with models.phase("verdicts"):
+        clean_seen = judge_all(models.judges, clean_pixels)
     for attempt in range(cfg.detect_retries + 1):
-        out = quantize(x1_pixels, from_unit(x1 + compose_deltas(x1, problems, runs, cfg.epsilon)) - x1_pixels.astype(np.float64),
-                       cfg.epsilon * 127.5)
-        found = models.detector.detect(out)
-        lost = [i for i, face in enumerate(clean_faces) if match_face(face, found) is face]
+        with models.phase("inverse_warp"):
+            delta = compose_deltas(x1, problems, runs, cfg.epsilon)
+            out = quantize(x1_pixels, from_unit(x1 + delta) - x1_pixels.astype(np.float64), cfg.epsilon * 127.5)
+        with models.phase("detection"):
+            found = models.detector.detect(out)
+        with models.phase("verdicts"):
+            seen = judge_all(models.judges, out)
+        lost = sorted({i for i, face in enumerate(clean_faces) if match_face(face, found) is face}
+                      | undetected(clean_seen, seen, boxes))
         if not lost or attempt == cfg.detect_retries:
             break
-        for i in lost:
-            scales[i] *= cfg.detect_backoff
-            runs[i] = attack_face(problems[i], models, cfg, scales[i], rng, eot)
+        with models.phase("retries"):
+            for i in lost:
+                scales[i] *= cfg.detect_backoff
+                runs[i] = attack_face(problems[i], models, cfg, scales[i], rng, eot)
     if lost:
         log.warning("%d face(s) no longer detected after %d retries", len(lost), cfg.detect_retries)
-    return out, [dict(run.report, bound_scale=scale,
-                      **measure_identity(clean_pixels, out, face, found, models, problem.clean_embeddings))
-                 for run, face, scale, problem in zip(runs, clean_faces, scales, problems)]
+    with models.phase("verdicts"):
+        native = native_verdicts(clean_pixels, out, models.judges, boxes,
+                                 seen={name: (clean_seen[name], seen[name]) for name in models.judges})
+        own = [measure_identity(clean_pixels, out, face, found, models, problem.clean_embeddings)
+               for face, problem in zip(clean_faces, problems)]
+    return out, [dict(run.report, bound_scale=scale, native=verdict, **measured)
+                 for run, scale, verdict, measured in zip(runs, scales, native, own)]
 
 
 @dataclass
@@ -365,7 +424,10 @@ def quantize(base: np.ndarray, delta_255: np.ndarray, bound_255: float) -> np.nd
 def measure_identity(clean_pixels: np.ndarray, protected_pixels: np.ndarray, clean_face: Face,
                      candidates: list[Face], models: Layer2Models,
                      clean_embeddings: dict[str, torch.Tensor] | None = None) -> dict:
-    """ISM_pro per encoder (paper Table 4) on the final pixels, the face re-detected as an attacker would.
+    """ISM_pro per encoder (paper Table 4) on the final pixels: the attack's own measurement (our ports, our alignment).
+
+    The face is re-detected with layer 2's detector; the independent verdicts of each encoder's
+    native pipeline are in the face report's ``native`` field (:mod:`dladiff.faces.verdicts`).
 
     ``candidates``: faces detected on ``protected_pixels``; ``clean_embeddings``: the clean face's
     embeddings when already computed. Returns ``{"redetected": bool, "encoders": {name:
@@ -413,7 +475,8 @@ def protect_photos(portraits: list[Portrait], inputs: list[np.ndarray], cfg: Con
             done = checkpoints.load(key, pixels.shape) if checkpoints else None
             if done is None:
                 out, faces = protect_image(pixels, portrait.pixels, models, cfg.layer2, seed, cfg.eot)
-                report = {"encoders": models.weights, "faces": faces, "no_face": not faces}
+                report = {"encoders": models.weights, "weighting": cfg.layer2.weighting, "faces": faces,
+                          "no_face": not faces}
                 if checkpoints:
                     checkpoints.save(key, out, report)
             else:

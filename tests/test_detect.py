@@ -1,4 +1,4 @@
-"""Face detection: dlib on real photos, backend selection, error messages."""
+"""Face detection: YuNet and dlib on real photos, backend selection, error messages."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dladiff.faces.detect import (
     Face,
     InsightFaceDetector,
     RetinaFaceDetector,
+    YuNetDetector,
     available_detector_pack,
     facexlib_weights_dir,
     five_points_from_68,
@@ -88,7 +89,7 @@ def test_detectors_reject_non_uint8_rgb(t1):
 
 
 def test_unknown_detector_name_lists_the_choices(tmp_path):
-    with pytest.raises(DladiffError, match="auto, dlib, insightface, retinaface"):
+    with pytest.raises(DladiffError, match="auto, yunet, dlib, insightface, retinaface"):
         make_detector("mtcnn", str(tmp_path), 640)
 
 
@@ -102,8 +103,30 @@ def test_insightface_without_pack_says_where_to_put_the_files(tmp_path):
         InsightFaceDetector(str(tmp_path), pack="antelopev2", det_size=640)
 
 
-def test_auto_falls_back_to_dlib_without_packs(tmp_path):
-    assert make_detector("auto", str(tmp_path), 640).name == "dlib"
+def test_auto_falls_back_to_yunet_without_packs_and_dlib_stays_available(tmp_path):
+    assert make_detector("auto", str(tmp_path), 640).name == "yunet"
+    assert make_detector("dlib", str(tmp_path), 640).name == "dlib"
+
+
+def test_yunet_finds_the_six_faces_of_t1_where_dlib_does(t1, dlib_faces):
+    faces = YuNetDetector().detect(t1)
+    assert len(faces) == 6
+    areas = [face.area for face in faces]
+    assert areas == sorted(areas, reverse=True)
+    for face in faces:
+        assert face.bbox.shape == (4,) and face.landmarks.dtype == np.float32
+        assert_landmarks_in_arcface_order(face)
+        nearest = min(dlib_faces, key=lambda other: np.abs(other.landmarks - face.landmarks).mean())
+        eye_gap = np.linalg.norm(face.landmarks[1] - face.landmarks[0])
+        assert np.abs(nearest.landmarks - face.landmarks).max() < 0.35 * eye_gap
+
+
+def test_yunet_finds_the_astronaut_and_nothing_in_a_flat_image():
+    from skimage import data
+
+    faces = YuNetDetector().detect(data.astronaut())
+    assert len(faces) == 1 and faces[0].score > 0.8
+    assert YuNetDetector().detect(np.full((200, 300, 3), 128, np.uint8)) == []
 
 
 def test_pack_lookup_accepts_the_nested_antelopev2_layout(tmp_path):

