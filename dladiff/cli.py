@@ -390,5 +390,53 @@ def attention_maps_cmd(
         typer.echo(f"attention maps of {len(info['rows'])} row(s) x {len(info['layers'])} layer(s) written to {out}")
 
 
+EXIT_NOT_PROTECTED = 1
+
+
+@app.command("verify")
+def verify_cmd(
+    clean: Path = typer.Argument(..., help="The clean photo, or a folder of clean photos."),
+    protected: Path = typer.Argument(..., help="The protected photo, or a folder of protected photos (paired with the clean ones by file name, any extension)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every verdict as JSON to this file."),
+    config: Optional[str] = ConfigOpt,
+    quiet: bool = QuietOpt,
+):
+    """Re-judge protected photos with every face recognizer available here, each through its own pipeline.
+
+    Independent of how the photos were protected (dladiff, Fawkes, Anti-DreamBooth, ...): dlib (HOG +
+    68 landmarks + ResNet), OpenCV's YuNet + SFace and, when installed, insightface's buffalo_l /
+    antelopev2 packs judge each face as saved, after JPEG quality 75 and after a 0.5x resize.
+    Exit code 0 only if every face is still detected and past every recognizer's threshold in every
+    view; 1 if some face is still recognized (or lost); 2 on an error.
+    """
+    from rich.console import Console
+
+    from dladiff.data import save_json
+    from dladiff.verify import available_judges, face_passed, photo_pairs, verdict_table, verdicts_json, verify_pair
+
+    _setup_logging(quiet)
+    try:
+        cfg = _load(config, None, None, None)
+        pairs, missing = photo_pairs(clean, protected)
+        judges = available_judges(cfg.layer2.model_root, cfg.layer2.det_size)
+        if not quiet:
+            typer.echo(f"judging {len(pairs)} photo(s) with {', '.join(judges)}", err=True)
+        results = [verify_pair(c, p, judges) for c, p in pairs]
+        summary = verdicts_json(results, judges, missing)
+        if json_out is not None:
+            save_json(summary, json_out)
+    except DladiffError as exc:
+        _fail(exc)
+    Console().print(verdict_table(results, judges))
+    for path in missing:
+        typer.echo(f"dladiff: warning: {path}: no protected photo of that name", err=True)
+    faces = sum(len(r.faces) for r in results)
+    passed = sum(face_passed(f) for r in results for f in r.faces)
+    typer.echo(f"{passed} of {faces} face(s) protected against every recognizer in every view; "
+               f"{sum(r.error is not None for r in results)} photo(s) could not be compared")
+    if not summary["passed"]:
+        raise typer.Exit(EXIT_NOT_PROTECTED)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -201,7 +201,7 @@ def verdict_table(results: list[PhotoVerdict], judges: dict[str, Judge]):
             continue
         for index, face in enumerate(result.faces):
             for name, per in face["native"].items():
-                ok = all(v["detected"] is None or (v["detected"] and v["same_person"] is False) for v in per.values())
+                ok = face_passed({"native": {name: per}})
                 table.add_row(result.protected.name, str(index + 1), name, *(cell_text(per[v]) for v in VIEWS),
                               "[green]yes[/green]" if ok else "[red]NO[/red]")
     return table
