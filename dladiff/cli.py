@@ -176,12 +176,14 @@ def protect_cmd(
 
 def _protect_one(photos, out, cfg, layers, surrogate, resume, quiet, stop, overwrite) -> tuple[list[str], list[str]]:
     """Problems (skipped or failed files) and photos without a face of one folder."""
-    from dladiff.protect import protect_folder
+    import time
 
+    from dladiff.protect import protect_folder, summary_line
+
+    start = time.perf_counter()
     outcome = protect_folder(photos, out, cfg, layers, surrogate, resume, quiet, stop, overwrite)
     if not quiet:
-        typer.echo(f"protected {len(outcome.report['images'])} photo(s) into {outcome.out_dir} "
-                   f"(report: {outcome.out_dir / 'report.json'})")
+        typer.echo(summary_line(outcome.report, time.perf_counter() - start))
     return [p.reason for p in outcome.skipped + outcome.failed], list(outcome.report.get("no_face") or [])
 
 

@@ -257,6 +257,24 @@ def write_presentation(report: dict, portraits: list[Portrait], current: list[np
     manifest.record(REPORT_HTML)
 
 
+def face_protected(face: dict, view: str = "png") -> bool | None:
+    """Whether every native judge that still finds ``face`` in ``view`` sees another person (None: none judged)."""
+    verdicts = [per[view] for per in (face.get("native") or {}).values() if view in per and per[view].get("detected")]
+    return None if not verdicts else all(v["same_person"] is False for v in verdicts)
+
+
+def summary_line(report: dict, seconds: float) -> str:
+    """One line for the end of ``protect``: photos done and skipped, faces protected, time, where the report is."""
+    images = report["images"]
+    faces = [face for e in images for face in (e.get("layer2") or {}).get("faces") or []]
+    text = f"{len(images)} photo(s) protected, {len(report['skipped'])} skipped"
+    if 2 in report["layers"]:
+        judged = [face_protected(face) for face in faces]
+        text += (f", {len(faces)} face(s): {sum(v is True for v in judged)} no longer recognized by any local "
+                 f"recognizer as saved, {sum(v is False for v in judged)} still recognized by one")
+    return f"{text}; {seconds:.1f} s; report: {Path(report['output_dir']) / REPORT_HTML}"
+
+
 def _save_outputs(portraits, current, face_reports, out_dir: Path, limit: float, manifest: Manifest):
     """Save every photo (one failure does not stop the others); returns report entries and failures."""
     entries, failed = [], []

@@ -101,3 +101,15 @@ def test_checked_sentence_names_judges_and_limits():
     text = checked_sentence(_report([FACE]))
     assert "12/255" in text and "dlib, sface" in text and "dladiff evaluate" in text
     assert "Not checked" in checked_sentence({"layers": [2], "images": []})
+
+
+def test_summary_line_counts_photos_faces_and_verdicts():
+    from dladiff.protect import face_protected, summary_line
+
+    still = {"native": {"dlib": {"png": {"detected": True, "same_person": True}}}}
+    report = dict(_report([FACE, still]), output_dir="/o")
+    report["images"].append({"input": "b.png", "output": "b.png", "layer2": {"faces": []}})
+    assert face_protected(FACE) is True and face_protected(still) is False and face_protected({}) is None
+    line = summary_line(report, 12.34)
+    assert line.startswith("2 photo(s) protected, 1 skipped, 2 face(s): 1 no longer recognized")
+    assert "1 still recognized" in line and "12.3 s" in line and line.endswith("/o/report.html")
