@@ -41,19 +41,17 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or info m
 
 
 def _setup_logging(quiet: bool) -> None:
-    """Our messages on stderr; the libraries' own progress bars and chatter off (we show our own)."""
-    import warnings
+    """Our messages on stderr; the libraries' chatter off (their progress bars: :func:`dladiff.runtime.quiet_libraries`).
 
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    Imports no heavy library: a command that never loads a diffusion model never pays for diffusers.
+    """
+    import warnings
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="dladiff: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
     logging.captureWarnings(True)
     warnings.filterwarnings("ignore", module="dladiff")  # our warnings go through the logger already
     for noisy in ("diffusers", "transformers", "huggingface_hub", "httpx", "py.warnings"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
 
 
 def _fail(exc: Exception) -> None:
@@ -264,8 +262,10 @@ def evaluate_cmd(
     """
     from dladiff.evaluate.config import evaluate_config_for_cli
     from dladiff.evaluate.purified import evaluate_purified
+    from dladiff.runtime import quiet_libraries
 
     _setup_logging(quiet)
+    quiet_libraries()
     try:
         cfg = evaluate_config_for_cli(config, attacks, model, device, seed)
         if out.exists() and not out.is_dir():

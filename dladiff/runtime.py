@@ -48,6 +48,19 @@ def frozen_dtype(device: torch.device, precision: str) -> torch.dtype:
     return DTYPES[precision] if device.type == "cuda" else torch.float32
 
 
+def quiet_libraries() -> None:
+    """Turn off diffusers' and transformers' own progress bars (dladiff shows its own).
+
+    Called by the model loaders, where those libraries are imported anyway, so that commands that
+    load no diffusion model (``--help``, ``--layers 2``, ``verify``) never import them.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def progress(total: int, desc: str, quiet: bool):
     """A tqdm bar (on stderr), silent when ``quiet``."""
     return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=False)

@@ -84,6 +84,9 @@ def load_sd(model_id: str, revision: str | None = None, device: torch.device | s
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from dladiff.runtime import quiet_libraries
+
+    quiet_libraries()
     folder = resolve_model_folder(model_id, revision)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
@@ -102,6 +105,9 @@ def load_unet(folder: str | Path, device: torch.device | str = "cpu", dtype: tor
     """Load a UNet saved in diffusers layout (``folder/unet`` or ``folder`` itself), frozen, in eval mode."""
     from diffusers import UNet2DConditionModel
 
+    from dladiff.runtime import quiet_libraries
+
+    quiet_libraries()
     folder = Path(folder)
     sub = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
     if not (sub / "config.json").is_file():
