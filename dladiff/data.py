@@ -197,19 +197,11 @@ def list_photo_files(folder: Path) -> list[Path]:
     return scan_photo_folder(folder)[0]
 
 
-def frame_count(path: Path) -> int:
-    """Frames (pages) of an image file: more than 1 for animated GIF/WebP/PNG and multi-page TIFF."""
-    try:
-        with Image.open(path) as img:
-            return int(getattr(img, "n_frames", 1))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return 1
-
-
 def load_folder(folder: Path, max_megapixels: float = InputConfig.max_megapixels) -> tuple[list[Portrait], list[SkippedFile]]:
     """Load every photo of ``folder``; unreadable files are returned as skipped, not raised.
 
-    A file with several frames (GIF, TIFF, ...) is protected as its first frame, with a warning.
+    A file with several frames (GIF, TIFF, ...) is protected as its first frame, with a warning
+    (:func:`load_portrait`).
     """
     files, skipped = scan_photo_folder(folder)
     portraits = []
@@ -218,10 +210,6 @@ def load_folder(folder: Path, max_megapixels: float = InputConfig.max_megapixels
             portraits.append(load_portrait(path, max_megapixels))
         except InputError as exc:
             skipped.append(SkippedFile(path, str(exc)))
-            continue
-        frames = frame_count(path)
-        if frames > 1:
-            log.warning("%s has %d frames; only the first one is protected (the output is a single PNG)", path, frames)
     names = [p.output_name for p in portraits]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
