@@ -70,8 +70,13 @@ def test_feature_tap_records_conv_outputs_at_relative_depths():
 
 @pytest.fixture(scope="module")
 def hanks_problem(real_photos):
-    """Tom Hanks' aligned portrait with the dlib encoder and plain PGD (no jitter, no technique): a face problem."""
+    """Tom Hanks' aligned portrait with the dlib encoder and plain PGD (no jitter, no technique): a face problem.
+
+    Weighting is the paper's fixed cosine: without jitter the first crop equals the clean one, where dlib's
+    Euclidean distance (the normalized weighting's metric) has no gradient at all.
+    """
     cfg = with_overrides(load_config(), layer2={"encoders": {"dlib": 1.0}, "detector": "dlib", "steps": 3,
+                                                "weighting": "fixed", "native_verdicts": False,
                                                 "jitter_translation": 0.0, "jitter_rotation": 0.0, "jitter_scale": 0.0,
                                                 "momentum": 0.0, "diversity_probability": 0.0, "ti_kernel": 0})
     models = prepare_layer2(cfg.layer2)
