@@ -41,7 +41,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # CUDA autocast dtype; CPU always runs fp32
     seed: int = 0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Layer1Config:
 class Layer2Config:
     """Weighted multi-encoder identity PGD with jittered alignment (paper §4.2, Eqs. 10-11)."""
 
-    epsilon: float = 0.05  # η2, L∞ bound in [-1,1] units (0.05 ≈ 6.4/255)
+    epsilon: float = 0.063  # η2, L∞ bound in [-1,1] units (0.063 ≈ 8/255 after quantization)
     step_size: float = 0.005  # α2, PGD step in [-1,1] units
     steps: int = 100  # maximum PGD steps per face
     threshold: float = 0.0  # τ: fixed weighting, stop once the weighted cosine similarity is below this

@@ -45,7 +45,8 @@ def test_protect_smoke_end_to_end(photo_dir, tmp_path):
     page = (out / "report.html").read_text(encoding="utf-8")
     for entry in report["images"]:
         strip = Image.open(out / "preview" / entry["output"])
-        assert strip.width >= 3 * min(480, entry["width"] * 480 // max(entry["height"], 1))
+        panel = round(entry["width"] * min(1.0, 480 / entry["height"]))
+        assert strip.width >= 3 * panel
         assert entry["input"] in page
     assert "Layer 2 was not run on this photo." in page and "http" not in page.split("<h2>Settings")[0]
 

@@ -109,3 +109,10 @@ def test_parse_overrides_reads_yaml_values():
         "layer2": {"epsilon": 0.05, "full_resolution": True}, "model": {"id": "x"}}
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_overrides(["epsilon=0.1"])
+
+
+def test_a_file_without_inherit_gets_the_default_yaml_values(tmp_path):
+    """The dataclass defaults are the shipped default.yaml: a partial config means the same either way."""
+    path = tmp_path / "partial.yaml"
+    path.write_text("layer2:\n  steps: 2\n")
+    assert config_to_dict(load_config(path)) == config_to_dict(with_overrides(load_config(), layer2={"steps": 2}))

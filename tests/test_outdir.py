@@ -67,7 +67,8 @@ def test_foreign_files_are_refused_unless_overwrite(two_faces, tmp_path, fast_la
     result = run("protect", two_faces, "--out", out, "--config", fast_layer2, *LAYER2, "--overwrite")
     assert result.exit_code == 0, result.output
     assert pixels(out / "a.png").shape == (256, 256, 3)
-    assert set(json.loads((out / MANIFEST).read_text())["files"]) == {"a.png", "b.png", "report.json"}
+    assert set(json.loads((out / MANIFEST).read_text())["files"]) == {"a.png", "b.png", "report.json", "report.html",
+                                                                      "preview/a.png", "preview/b.png"}
 
 
 def test_earlier_outputs_are_replaced_but_not_once_edited(two_faces, tmp_path, fast_layer2):
@@ -210,7 +211,7 @@ def test_dataset_mode_honours_ctrl_c_between_identities(tmp_path, monkeypatch, t
     stop = StopRequest()
     seen = []
 
-    def fake_protect(photos, out_dir, cfg, layers, surrogate, resume, quiet, stop, overwrite):
+    def fake_protect(photos, out_dir, cfg, layers, surrogate, resume, quiet, stop, overwrite, components):
         seen.append((photos.name, stop))
         out_dir.mkdir(parents=True)
         (out_dir / "report.json").write_text("{}")
