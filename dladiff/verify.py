@@ -202,6 +202,7 @@ def verdict_table(results: list[PhotoVerdict], judges: dict[str, Judge]):
         for index, face in enumerate(result.faces):
             for name, per in face["native"].items():
                 ok = face_passed({"native": {name: per}})
-                table.add_row(result.protected.name, str(index + 1), name, *(cell_text(per[v]) for v in VIEWS),
+                where = "{} at {:.0f},{:.0f}".format(index + 1, *face["bbox"][:2])
+                table.add_row(result.protected.name, where, name, *(cell_text(per[v]) for v in VIEWS),
                               "[green]yes[/green]" if ok else "[red]NO[/red]")
     return table
