@@ -22,6 +22,9 @@ its textured ones (std ≥ ``budget.full_std``); and the identity verdicts: whit
 pipelines of the in-loop encoders (dlib's C++ pipeline, OpenCV's SFace), leave-one-out = mobileface
 through YuNet + alignCrop + onnxruntime (``--mobileface PATH``, never in the loop; cosine < 0.35
 = another person), on the saved pixels and after JPEG 75.
+
+``--margins 0,0.15,0.3``: instead, per face, the share of the in-loop encoders' input-gradient mass
+inside the grown hull for each margin (how much of what the recognizers look at the region keeps).
 """
 
 from __future__ import annotations
@@ -75,21 +78,59 @@ def quality(clean: np.ndarray, protected: np.ndarray, region: np.ndarray, textur
             "flat_pixels": int(flat.sum()), "textured_pixels": int(textured.sum())}
 
 
+def margin_coverage(clean: np.ndarray, faces: list, models, budget, margins: list[float]) -> list[dict]:
+    """Per face: share of the in-loop encoders' input-gradient mass (|∂ cos(E(crop), r)/∂x|, r a fixed random
+    unit vector) that falls inside the grown hull, for each margin (eye gaps): how much of what the
+    encoders look at the region keeps."""
+    import dataclasses
+
+    import torch
+
+    from dladiff.budget import layer2_bound
+    from dladiff.faces.align import alignment_matrix, warp_to_crop
+    from dladiff.layer2 import to_unit
+
+    x = to_unit(clean).requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for face in faces:
+        total = 0.0
+        for encoder in models.encoders.values():
+            M = torch.as_tensor(alignment_matrix(face.landmarks, encoder.template), dtype=torch.float32)
+            embedding = encoder(warp_to_crop(x, M, encoder.crop_size))[0]
+            direction = torch.randn(embedding.shape, generator=generator)
+            total = total + torch.nn.functional.cosine_similarity(embedding, direction, dim=0)
+        (grad,) = torch.autograd.grad(total, x)
+        mass = grad[0].abs().sum(0).numpy()
+        row = {"bbox": [round(float(v), 1) for v in face.bbox]}
+        for margin in margins:
+            bound, _ = layer2_bound(clean, [face], 1.0, dataclasses.replace(budget, face_mask=True, perceptual=False, margin=margin))
+            row[f"margin_{margin:g}"] = round(float(mass[bound > 0].sum() / mass.sum()), 4)
+        rows.append(row)
+    return rows
+
+
 def identity(faces: list[dict]) -> dict:
-    """Per judge and view: faces judged, and the share judged another person / still detected."""
+    """Per judge and view: faces judged, the share judged another person / still detected, the mean score.
+
+    The score is the judge's distance (dlib: another person above 0.6) or cosine (another person below its threshold).
+    """
     out: dict = {}
     for face in faces:
         for judge, views in face["native"].items():
             for view, verdict in views.items():
                 if verdict["detected"] is None:
                     continue
-                row = out.setdefault(judge, {}).setdefault(view, {"faces": 0, "other_person": 0, "detected": 0})
+                row = out.setdefault(judge, {}).setdefault(view, {"faces": 0, "other_person": 0, "detected": 0, "scores": []})
                 row["faces"] += 1
+                row["scores"].append(verdict.get("distance", verdict.get("cosine")))
                 row["other_person"] += verdict["same_person"] is False
                 row["detected"] += bool(verdict["detected"])
     for views in out.values():
         for row in views.values():
             row["other_person_share"] = round(row["other_person"] / row["faces"], 3)
+            scores = [v for v in row.pop("scores") if v is not None]
+            row["mean_score"] = round(float(np.mean(scores)), 4) if scores else None
     return out
 
 
@@ -100,6 +141,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated photo names to keep")
     parser.add_argument("--settings", help="comma-separated settings to run (default: all three)")
     parser.add_argument("--mobileface", type=Path, help="mobileface.onnx: a leave-one-out judge (never in the loop)")
+    parser.add_argument("--margins", help="comma-separated hull margins (eye gaps): only measure the encoders' "
+                        "gradient mass inside the grown hull for each, no protection run")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
 
@@ -126,6 +169,10 @@ def main() -> None:
     rows = []
     for name, clean in photos.items():
         faces = models.detector.detect(clean)
+        if args.margins:
+            margins = [float(m) for m in args.margins.split(",")]
+            rows.append({"photo": name, "coverage": margin_coverage(clean, faces, models, cfg.budget, margins)})
+            continue
         hull_budget = dataclasses.replace(cfg.budget, face_mask=True, perceptual=False)
         bound, _ = layer2_bound(clean, faces, cfg.layer2.epsilon, hull_budget)
         region = bound > 0 if bound is not None else np.zeros(clean.shape[:2], bool)

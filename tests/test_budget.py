@@ -77,7 +77,7 @@ def test_edge_step_sees_only_pairs_across_the_edge():
 
 
 def test_budget_config_is_validated(tmp_path):
-    assert load_config().budget == BudgetConfig()
+    assert load_config().budget == BudgetConfig() and BudgetConfig().face_mask and not BudgetConfig().perceptual
     assert load_config("layer2_paper").budget.face_mask is False
     with pytest.raises(ConfigError, match="budget.window"):
         with_overrides(load_config(), budget={"window": 4})
@@ -91,7 +91,9 @@ def test_layer1_is_clipped_to_the_texture_bound_on_the_photo_grid(real_photos):
     photo = real_photos["astronaut"]
     delta = torch.full((3, 64, 64), 0.05)  # +6.4/255 everywhere in the model frame
     uniform = apply_perturbation(photo, delta, 0.05 * 127.5).astype(int) - photo
-    shaped = apply_perturbation(photo, delta, 0.05 * 127.5, BudgetConfig()).astype(int) - photo
+    assert np.array_equal(apply_perturbation(photo, delta, 0.05 * 127.5, BudgetConfig(perceptual=False)) - photo.astype(int),
+                          uniform)
+    shaped = apply_perturbation(photo, delta, 0.05 * 127.5, BudgetConfig(perceptual=True)).astype(int) - photo
     limit = np.floor(texture_budget(photo, 6.375, 0.008 * 127.5, 2.0, 12.0, 7) + 1e-6)[..., None]
     assert (np.abs(shaped) <= limit).all() and np.abs(shaped).max() == 6
     flat = local_std(luminance(photo), 7) <= 2.0
@@ -100,19 +102,21 @@ def test_layer1_is_clipped_to_the_texture_bound_on_the_photo_grid(real_photos):
 
 @pytest.fixture(scope="module")
 def protected_astronaut(real_photos):
-    """Layer 2 (SFace in the loop, a few steps) with the default budget, on the astronaut."""
+    """Layer 2 (SFace in the loop, a few steps) with the face mask and the perceptual budget on, on the astronaut."""
     from dladiff.layer2 import prepare_layer2, protect_image
 
     cfg = with_overrides(load_config(), layer2={"steps": 8, "step_size": 0.02, "encoders": {"sface": 1.0},
-                                                "landmark_sources": [], "native_verdicts": False, "detect_retries": 0})
+                                                "landmark_sources": [], "native_verdicts": False, "detect_retries": 0},
+                       budget={"face_mask": True, "perceptual": True})
     models = prepare_layer2(cfg.layer2)
     clean = real_photos["astronaut"]
     out, faces = protect_image(clean, clean, models, cfg.layer2, 0, None, cfg.budget)
-    return cfg, models, clean, out, faces
+    mask_only = dataclasses.replace(cfg.budget, perceptual=False)
+    return cfg, models, clean, out, faces, protect_image(clean, clean, models, cfg.layer2, 0, None, mask_only)[0]
 
 
 def test_layer2_meets_the_targets_on_a_real_face(protected_astronaut):
-    cfg, models, clean, out, faces = protected_astronaut
+    cfg, models, clean, out, faces, _ = protected_astronaut
     bound, polygons = layer2_bound(clean, models.detector.detect(clean), cfg.layer2.epsilon, cfg.budget)
     delta = out.astype(int) - clean
     size = np.abs(delta)
@@ -126,6 +130,17 @@ def test_layer2_meets_the_targets_on_a_real_face(protected_astronaut):
     assert size.max() <= np.floor(cfg.layer2.epsilon * 127.5 + 1e-6)
 
 
+def test_default_face_mask_alone_keeps_the_region_and_the_edge(protected_astronaut):
+    cfg, models, clean, out, _, mask_only = protected_astronaut
+    bound, _ = layer2_bound(clean, models.detector.detect(clean), cfg.layer2.epsilon,
+                            dataclasses.replace(cfg.budget, perceptual=False))
+    delta = mask_only.astype(int) - clean
+    region = bound > 0
+    assert (delta[~region] == 0).all() and edge_step(delta, region) <= 2
+    flat = region & (local_std(luminance(clean), cfg.budget.window) <= cfg.budget.flat_std)
+    assert np.abs(delta)[flat].mean() > np.abs(out.astype(int) - clean)[flat].mean()  # the texture bound is what quiets flat areas
+
+
 def test_dlib68_points_join_the_five_point_outline(real_photos):
     photo = real_photos["astronaut"]
     points = face_hull_points(photo, ASTRONAUT_BOX, ASTRONAUT_LANDMARKS, "dlib68")
@@ -136,14 +151,14 @@ def test_dlib68_points_join_the_five_point_outline(real_photos):
 
 
 def test_uniform_budget_is_the_papers_bound(protected_astronaut):
-    cfg, models, clean, _, _ = protected_astronaut
+    cfg, models, clean, _, _, _ = protected_astronaut
     bound, regions = layer2_bound(clean, models.detector.detect(clean), cfg.layer2.epsilon,
                                   dataclasses.replace(cfg.budget, face_mask=False, perceptual=False))
     assert bound is None and regions == [None]
 
 
 def test_preview_outlines_the_region_on_the_difference_panel(protected_astronaut):
-    _, _, clean, out, faces = protected_astronaut
+    _, _, clean, out, faces, _ = protected_astronaut
     plain = preview_image(clean, out, [{}], max_height=512)
     outlined = preview_image(clean, out, [{"region": faces[0]["region"]}], max_height=512)
     changed = (plain != outlined).any(axis=2)
