@@ -77,7 +77,7 @@ def test_edge_step_sees_only_pairs_across_the_edge():
 
 
 def test_budget_config_is_validated(tmp_path):
-    assert load_config().budget == BudgetConfig() and BudgetConfig().face_mask and not BudgetConfig().perceptual
+    assert load_config().budget == BudgetConfig() and not BudgetConfig().face_mask and not BudgetConfig().perceptual
     assert load_config("layer2_paper").budget.face_mask is False
     with pytest.raises(ConfigError, match="budget.window"):
         with_overrides(load_config(), budget={"window": 4})
@@ -130,7 +130,7 @@ def test_layer2_meets_the_targets_on_a_real_face(protected_astronaut):
     assert size.max() <= np.floor(cfg.layer2.epsilon * 127.5 + 1e-6)
 
 
-def test_default_face_mask_alone_keeps_the_region_and_the_edge(protected_astronaut):
+def test_face_mask_alone_keeps_the_region_and_the_edge(protected_astronaut):
     cfg, models, clean, out, _, mask_only = protected_astronaut
     bound, _ = layer2_bound(clean, models.detector.detect(clean), cfg.layer2.epsilon,
                             dataclasses.replace(cfg.budget, perceptual=False))
