@@ -189,6 +189,21 @@ class EOTConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """Where and how much δ may change the photo (:mod:`dladiff.budget`); both off = the paper's uniform η."""
+
+    face_mask: bool = False  # layer 2: δ2 only inside the grown landmark hull of each face, feathered
+    hull: Literal["dlib68", "five"] = "dlib68"  # dlib68: dlib's 68 points with the 5-point outline; five: the 5-point outline alone
+    margin: float = 0.15  # eye gaps (distance between the eye centres) the hull is grown by
+    feather: float = 4.0  # pixels over which δ2 fades to 0 at the hull's edge
+    perceptual: bool = False  # both layers: per-pixel bound from local texture, floor on flat areas up to η
+    floor: float = 0.008  # [-1,1] units, the bound where the photo is flat (≈ 1.02/255 → 1/255 after rounding)
+    flat_std: float = 2.0  # 0-255 luminance std in the window at or below which the floor applies
+    full_std: float = 12.0  # 0-255 luminance std at or above which the full η applies
+    window: int = 7  # pixels, side of the box the local std is measured in
+
+
+@dataclass(frozen=True)
 class InputConfig:
     """Which photos are read: a pixel ceiling, checked from the file's header before decoding."""
 
@@ -211,6 +226,7 @@ class Config:
     layer2: Layer2Config = field(default_factory=Layer2Config)
     method: MethodConfig = field(default_factory=MethodConfig)
     eot: EOTConfig = field(default_factory=EOTConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     input: InputConfig = field(default_factory=InputConfig)
 
 
@@ -322,6 +338,10 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (1 <= cfg.eot.jpeg_quality[0] <= cfg.eot.jpeg_quality[1] <= 100, "eot.jpeg_quality must be [low, high] within 1..100"),
         (0 < cfg.eot.resize_scale[0] <= cfg.eot.resize_scale[1] <= 1, "eot.resize_scale must be [low, high] within (0, 1]"),
         (0 <= cfg.eot.blur_sigma[0] <= cfg.eot.blur_sigma[1], "eot.blur_sigma must be [low, high] with 0 <= low <= high"),
+        (cfg.budget.margin >= 0 and cfg.budget.feather >= 1, "budget.margin must be >= 0 (eye gaps) and budget.feather >= 1 (pixels)"),
+        (0 <= cfg.budget.floor <= 2, "budget.floor must be in [0, 2] ([-1,1] pixel units)"),
+        (0 <= cfg.budget.flat_std < cfg.budget.full_std, "budget.flat_std must be >= 0 and below budget.full_std (0-255 luminance std)"),
+        (cfg.budget.window >= 3 and cfg.budget.window % 2 == 1, "budget.window must be an odd number of pixels >= 3"),
         (0 < cfg.input.max_megapixels <= PIL_MAX_MEGAPIXELS,
          f"input.max_megapixels must be in (0, {PIL_MAX_MEGAPIXELS}] (10^6 pixels; above it PIL refuses the file)"),
     ]

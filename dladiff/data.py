@@ -352,7 +352,7 @@ def grey_of(pixels: np.ndarray) -> np.ndarray:
     return ((total + 1) // 3).astype(np.uint8)
 
 
-def apply_perturbation(pixels: np.ndarray, delta: torch.Tensor, bound_255: float) -> np.ndarray:
+def apply_perturbation(pixels: np.ndarray, delta: torch.Tensor, bound_255: float, budget=None) -> np.ndarray:
     """Add δ1 ``(3, R, R)`` ([-1, 1] units, the model frame) to the photo and quantize to uint8.
 
     δ goes back into the window of the photo that the attacker's loader crops (:func:`delta_strips`,
@@ -360,7 +360,13 @@ def apply_perturbation(pixels: np.ndarray, delta: torch.Tensor, bound_255: float
     clipped to ``floor(bound_255)``, so that quantization can never push the saved photo past the
     bound. On a greyscale photo δ is averaged over the channels, so the output stays grey. Runs in
     strips of rows: memory is the output plus a few strips.
+
+    ``budget``: a :class:`~dladiff.config.BudgetConfig`; with ``perceptual`` on, δ is clipped per
+    pixel to the texture bound of the photo (:func:`dladiff.budget.texture_budget`), on the
+    photo's own grid, before rounding.
     """
+    from dladiff.budget import texture_budget_rows
+
     limit = np.floor(bound_255 + 1e-6)
     delta = delta.detach().float().cpu()
     if is_greyscale(pixels):
@@ -369,6 +375,10 @@ def apply_perturbation(pixels: np.ndarray, delta: torch.Tensor, bound_255: float
     for top, left, strip in delta_strips(delta * 127.5, *pixels.shape[:2]):
         rows = out[top:top + strip.shape[0], left:left + strip.shape[1]]
         np.rint(strip, out=strip)
+        if budget is not None and budget.perceptual:
+            local = texture_budget_rows(pixels, top, top + strip.shape[0], bound_255, budget.floor * 127.5, budget)
+            local = np.floor(local[:, left:left + strip.shape[1], None] + 1e-6)
+            np.clip(strip, -local, local, out=strip)
         np.clip(strip, -limit, limit, out=strip)
         strip += rows
         rows[...] = np.clip(strip, 0, 255, out=strip)

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dladiff.config import Config, EOTConfig, Layer2Config
+from dladiff.budget import layer2_bound
+from dladiff.config import BudgetConfig, Config, EOTConfig, Layer2Config
 from dladiff.data import Portrait
 from dladiff.faces.align import (
     ARCFACE_TEMPLATE_112,
@@ -148,6 +149,7 @@ class FaceProblem:
     master: np.ndarray  # (2, 3) patch → aligned face (crop_size²)
     alignments: dict[str, list[np.ndarray]]  # per encoder, patch → its crop (landmarks of x1): own template first, then variants
     clean_embeddings: dict[str, torch.Tensor]  # per encoder, (D,) of the clean face
+    weight: torch.Tensor | None = None  # (1, 1, h, w) in [0, 1]: the budget map over η on the patch (None = uniform η)
 
 
 def match_face(face: Face, candidates: list[Face]) -> Face:
@@ -228,11 +230,12 @@ class IdentityAttack:
 
     def perturbed_patch(self, delta: torch.Tensor) -> torch.Tensor:
         """x1 ⊕ δ2 on the face's patch, clamped to [-1, 1]."""
-        patch = self.problem.patch
+        patch, weight = self.problem.patch, self.problem.weight
         if self.cfg.full_resolution:
-            return (patch + delta * self.footprint).clamp(-1, 1)
-        image_delta, _ = inverse_warp_to_image(delta, self.problem.master, patch.shape[-2:])
-        return (patch + image_delta).clamp(-1, 1)
+            image_delta = delta * self.footprint
+        else:
+            image_delta, _ = inverse_warp_to_image(delta, self.problem.master, patch.shape[-2:])
+        return (patch + (image_delta if weight is None else image_delta * weight)).clamp(-1, 1)
 
     def sample_alignments(self, name: str, encoder: IdentityEncoder, jitter: bool) -> torch.Tensor:
         """(n, 2, 3) patch → crop matrices: n = align_samples draws when optimizing (own template alone otherwise)."""
@@ -329,8 +332,13 @@ class IdentityAttack:
 
 
 def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer2Models, cfg: Layer2Config,
-                  seed: int, eot: EOTConfig | None = None) -> tuple[np.ndarray, list[dict]]:
+                  seed: int, eot: EOTConfig | None = None,
+                  budget: BudgetConfig | None = None) -> tuple[np.ndarray, list[dict]]:
     """Layer 2 on every face of one photo; returns the uint8 photo and a report per face.
+
+    ``budget``: the face region and perceptual bound (:mod:`dladiff.budget`, measured on the
+    clean photo); None = the paper's uniform η over each face's warped-back crop. Each face's
+    perturbation is scaled by the bound map over η inside PGD, so the bound holds per pixel.
 
     ``eot``: when given and enabled, every PGD step sees the perturbed face through a random
     differentiable JPEG / resize / blur (expectation over transformations).
@@ -353,6 +361,12 @@ def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer
         source_faces = {source.name: source.faces(x1_pixels) for source in models.sources}
         problems = [build_problem(face, match_face(face, protected_faces), x1, clean, models, cfg, source_faces)
                     for face in clean_faces]
+        bound, regions = layer2_bound(clean_pixels, clean_faces, cfg.epsilon, budget)
+        for problem in problems:
+            x0, y0, x1_, y1_ = problem.box
+            problem.weight = None if bound is None else torch.from_numpy(bound[y0:y1_, x0:x1_] / cfg.epsilon)[None, None]
+    epsilon = cfg.epsilon if bound is None else torch.from_numpy(bound)[None, None]
+    bound_255 = cfg.epsilon * 127.5 if bound is None else bound[..., None] * 127.5
     scales = [1.0] * len(problems)
     with models.phase("pgd"):
         runs = [attack_face(problem, models, cfg, 1.0, rng, eot) for problem in problems]
@@ -361,8 +375,8 @@ def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer
         clean_seen = judge_all(models.judges, clean_pixels)
     for attempt in range(cfg.detect_retries + 1):
         with models.phase("inverse_warp"):
-            delta = compose_deltas(x1, problems, runs, cfg.epsilon)
-            out = quantize(x1_pixels, from_unit(x1 + delta) - x1_pixels.astype(np.float64), cfg.epsilon * 127.5)
+            delta = compose_deltas(x1, problems, runs, epsilon)
+            out = quantize(x1_pixels, from_unit(x1 + delta) - x1_pixels.astype(np.float64), bound_255)
         with models.phase("detection"):
             found = models.detector.detect(out)
         with models.phase("verdicts"):
@@ -382,8 +396,9 @@ def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer
                                  seen={name: (clean_seen[name], seen[name]) for name in models.judges})
         own = [measure_identity(clean_pixels, out, face, found, models, problem.clean_embeddings)
                for face, problem in zip(clean_faces, problems)]
-    return out, [dict(run.report, bound_scale=scale, native=verdict, **measured)
-                 for run, scale, verdict, measured in zip(runs, scales, native, own)]
+    return out, [dict(run.report, bound_scale=scale, native=verdict, **measured,
+                      **({"region": np.round(region, 1).tolist()} if region is not None else {}))
+                 for run, scale, verdict, measured, region in zip(runs, scales, native, own, regions)]
 
 
 @dataclass
@@ -403,13 +418,18 @@ def attack_face(problem: FaceProblem, models: Layer2Models, cfg: Layer2Config, s
     return FaceRun(patch_delta, {"bbox": box, "steps": steps, "final_similarity": value})
 
 
-def compose_deltas(x1: torch.Tensor, problems: list[FaceProblem], runs: list[FaceRun], epsilon: float) -> torch.Tensor:
-    """Sum of the faces' patch perturbations, projected to the bound where two faces overlap."""
+def compose_deltas(x1: torch.Tensor, problems: list[FaceProblem], runs: list[FaceRun],
+                   epsilon: float | torch.Tensor) -> torch.Tensor:
+    """Sum of the faces' patch perturbations, projected to the bound where two faces overlap.
+
+    ``epsilon``: a number, or a per-pixel bound ``(1, 1, H, W)`` over the photo.
+    """
     total = torch.zeros_like(x1)
     for problem, run in zip(problems, runs):
         x0, y0, x1_, y1_ = problem.box
         region = total[..., y0:y1_, x0:x1_]
-        total[..., y0:y1_, x0:x1_] = project(region + run.patch_delta, x1[..., y0:y1_, x0:x1_], epsilon)
+        bound = epsilon[..., y0:y1_, x0:x1_] if torch.is_tensor(epsilon) else epsilon
+        total[..., y0:y1_, x0:x1_] = project(region + run.patch_delta, x1[..., y0:y1_, x0:x1_], bound)
     return total
 
 
@@ -474,7 +494,7 @@ def protect_photos(portraits: list[Portrait], inputs: list[np.ndarray], cfg: Con
             key = photo_key(portrait.sha256, pixels, cfg, models.weights, seed) if checkpoints else None
             done = checkpoints.load(key, pixels.shape) if checkpoints else None
             if done is None:
-                out, faces = protect_image(pixels, portrait.pixels, models, cfg.layer2, seed, cfg.eot)
+                out, faces = protect_image(pixels, portrait.pixels, models, cfg.layer2, seed, cfg.eot, cfg.budget)
                 report = {"encoders": models.weights, "weighting": cfg.layer2.weighting, "faces": faces,
                           "no_face": not faces}
                 if checkpoints:

@@ -5,7 +5,9 @@
 
     clean | protected | 128 + gain · (protected − clean)   (the difference, amplified around grey)
 
-Every face is boxed on all three panels, and its verdicts are written under the strip, one line
+Every face is boxed on all three panels; where layer 2 was limited to the face, the region it
+could change (the grown landmark hull, :mod:`dladiff.budget`) is outlined on the difference
+panel. Its verdicts are written under the strip, one line
 per face: the recognizer, its similarity (or distance) against its threshold, and whether it
 still recognizes the person (``RECOGNIZED``: not protected against it) or not (``protected``), as
 saved and after JPEG re-encoding.
@@ -93,6 +95,15 @@ def _draw_boxes(draw: ImageDraw.ImageDraw, faces: list[dict], scale: float, orig
         draw.text((x0 + ox + 3, y0 + oy + 2), str(index + 1), fill=colour, font=_font())
 
 
+def _draw_regions(draw: ImageDraw.ImageDraw, faces: list[dict], scale: float, origin: tuple[int, int]) -> None:
+    """Outline each face's ``region`` polygon (photo pixels) on a panel whose top-left corner is ``origin``."""
+    ox, oy = origin
+    for index, face in enumerate(faces):
+        if face.get("region"):
+            points = [(float(x) * scale + ox, float(y) * scale + oy) for x, y in face["region"]]
+            draw.line(points + points[:1], fill=BOX_COLOURS[index % len(BOX_COLOURS)], width=1)
+
+
 def _text_width(lines: list[str]) -> int:
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     return int(max((draw.textlength(line, font=_font()) for line in lines), default=0))
@@ -111,7 +122,8 @@ def preview_image(clean: np.ndarray, protected: np.ndarray, faces: list[dict] | 
     """The preview strip ``(H', 3·W' + gaps, 3)`` uint8 with boxed faces and their verdicts.
 
     ``clean``, ``protected``: ``(H, W, 3)`` uint8 RGB of the same size; ``faces``: the per-face
-    layer-2 report entries (``bbox`` in photo pixels, ``verdicts`` and/or ``encoders``), or None
+    layer-2 report entries (``bbox`` and, when masked, ``region`` in photo pixels, ``verdicts``
+    and/or ``encoders``), or None
     when layer 2 did not run.
     """
     scale = _scale_for(clean.shape[0], max_height)
@@ -128,6 +140,7 @@ def preview_image(clean: np.ndarray, protected: np.ndarray, faces: list[dict] | 
         strip.paste(panel, (x, top))
         draw.text((x, PAD), title, fill=(230, 230, 230), font=_font())
         _draw_boxes(draw, faces or [], scale, (x, top))
+    _draw_regions(draw, faces or [], scale, (PAD + 2 * (width + PAD), top))
     for j, (face_index, line) in enumerate(lines):
         colour = (230, 230, 230) if face_index is None else BOX_COLOURS[face_index % len(BOX_COLOURS)]
         draw.text((PAD, top + height + PAD + j * LINE_HEIGHT), line, fill=colour, font=_font())

@@ -170,7 +170,7 @@ def run_layer1_on(portraits: list[Portrait], cfg: Config, device: torch.device, 
         save_state({"fingerprint": fingerprint, "delta": delta, "history": history}, result_path, LAYER1_RESULT_KIND)
         remove_checkpoints(run_dir)
     eps255 = bound_255(cfg.layer1.epsilon)
-    outputs = [apply_perturbation(p.pixels, delta[i], eps255) for i, p in enumerate(portraits)]
+    outputs = [apply_perturbation(p.pixels, delta[i], eps255, cfg.budget) for i, p in enumerate(portraits)]
     info = {"method": method, "surrogate": str(static_folder) if static_folder else None, "history": history}
     return outputs, info
 

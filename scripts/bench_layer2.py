@@ -132,7 +132,7 @@ def main() -> None:
     extra_seconds, cpu_start = 0.0, time.process_time()
     for name, clean in photos.items():
         start = time.perf_counter()
-        protected, faces = protect_image(clean, clean, models, cfg.layer2, cfg.runtime.seed, cfg.eot)
+        protected, faces = protect_image(clean, clean, models, cfg.layer2, cfg.runtime.seed, cfg.eot, cfg.budget)
         seconds = time.perf_counter() - start
         faces_total += len(faces)
         if args.save:
