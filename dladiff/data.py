@@ -124,7 +124,8 @@ def check_pixel_count(path: Path, size: tuple[int, int], max_megapixels: float) 
                          f"{max_megapixels:g} (input.max_megapixels); downscale the photo or raise the limit")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -141,7 +142,7 @@ def load_portrait(path: Path, max_megapixels: float = InputConfig.max_megapixels
     """
     path = Path(path)
     try:
-        sha256 = _sha256(path)
+        sha256 = file_sha256(path)
     except OSError as exc:
         raise InputError(f"{path}: cannot read the file ({exc.strerror})") from None
     try:

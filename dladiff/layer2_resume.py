@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dladiff.config import Config, config_to_dict
-from dladiff.data import atomic_write, encode_png, save_json
-from dladiff.outdir import file_sha256
+from dladiff.data import atomic_write, encode_png, file_sha256, save_json
 
 log = logging.getLogger("dladiff")
 

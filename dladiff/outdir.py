@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
 from dladiff import __version__
-from dladiff.data import save_json
+from dladiff.data import file_sha256, save_json
 from dladiff.errors import DladiffError
 
 log = logging.getLogger("dladiff")
@@ -67,14 +66,6 @@ def output_lock(run_dir: Path):
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
         os.close(fd)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Manifest:

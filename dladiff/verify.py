@@ -180,29 +180,28 @@ def cell_text(verdict: dict) -> str:
     if verdict.get("detected") is None:
         return "not seen in clean"
     if "distance" in verdict:
-        return f"{word} d={verdict['distance']:.3f}"
+        return f"{word}\nd={verdict['distance']:.3f}"
     if "cosine" in verdict:
-        return f"{word} cos={verdict['cosine']:.3f}"
+        return f"{word}\ncos={verdict['cosine']:.3f}"
     return word
 
 
 def verdict_table(results: list[PhotoVerdict], judges: dict[str, Judge]):
-    """A rich table: one row per photo, face and recognizer, one column per view."""
+    """A rich table: a heading row per photo, then one row per face and recognizer, one column per view."""
     from rich.table import Table
 
     thresholds = ", ".join(f"{n} {'<' if j.threshold_kind == 'euclidean' else '>'} {j.threshold} is the same person"
                            for n, j in judges.items())
     table = Table(title="dladiff verify", caption=thresholds)
-    for column in ("photo", "face", "recognizer", *VIEWS, "pass"):
+    for column in ("face (x,y)", "recognizer", *VIEWS, "pass"):
         table.add_column(column)
     for result in results:
-        if result.error or not result.faces:
-            table.add_row(result.protected.name, "-", "-", *["-"] * len(VIEWS), result.error or "no face found")
-            continue
+        problem = result.error or ("" if result.faces else "no face found")
+        table.add_row(f"[bold]{result.protected.name}[/bold]", "", *[""] * len(VIEWS), problem, end_section=not result.faces)
         for index, face in enumerate(result.faces):
+            where = "{} ({:.0f},{:.0f})".format(index + 1, *face["bbox"][:2])
             for name, per in face["native"].items():
                 ok = face_passed({"native": {name: per}})
-                where = "{} at {:.0f},{:.0f}".format(index + 1, *face["bbox"][:2])
-                table.add_row(result.protected.name, where, name, *(cell_text(per[v]) for v in VIEWS),
-                              "[green]yes[/green]" if ok else "[red]NO[/red]")
+                table.add_row(where, name, *(cell_text(per[v]) for v in VIEWS), "[green]yes[/green]" if ok else "[red]NO[/red]")
+        table.add_section()
     return table
