@@ -33,6 +33,18 @@ def tiny_sd(_isolated_cache) -> Path:
     return tiny.ensure_tiny_sd()
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Torch on one thread for the test: tiny models gain nothing from threads, and on a loaded 2-core
+    machine threads stall each other."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def perturbed_unet(folder: Path, scale: float = 0.05, seed: int = 1):
     """The tiny UNet plus noise: a static surrogate that differs from the dynamic one (stands in for
     a DreamBooth-tuned UNet)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 import dladiff.diffusion.loading as loading
@@ -15,11 +14,8 @@ from dladiff.dataset import ProcessShare, protect_dataset
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_torch_thread(one_torch_thread):
+    """Every test of this file runs torch on one thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture()

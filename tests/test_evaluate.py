@@ -26,12 +26,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a loaded 2-core machine threads stall each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_torch_thread(one_torch_thread):
+    """Every test of this file runs torch on one thread (conftest.one_torch_thread)."""
 
 
 def noisy(pixels: np.ndarray, seed: int, amplitude: int = 3) -> np.ndarray:
