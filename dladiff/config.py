@@ -130,46 +130,23 @@ class Layer2Config:
     feature_depths: tuple[float, ...] = (0.5,)  # relative depths in (0, 1] of the convolutions whose outputs are compared
 
 
-MethodName = Literal["dladiff", "aspl", "fsmg", "mist", "anti-diffusion", "disdiff"]
+def _default_method_settings() -> dict[str, Any]:
+    from dladiff.methods.registry import methods
 
-
-@dataclass(frozen=True)
-class MistConfig:
-    """MIST's fused loss w_sem·L_denoise − w_tex·mean‖z(x+δ) − z(target)‖² (ascent)."""
-
-    semantic_weight: float = 0.61  # w_sem: Mist's rate 1e4 vs its sum-reduced textural loss over 4x64x64 latents
-    textural_weight: float = 1.0  # w_tex
-    target_period: int = 32  # pixels at the model resolution: one period of the checkerboard target
-
-
-@dataclass(frozen=True)
-class AntiDiffusionConfig:
-    """Anti-Diffusion: prompt tuning (PT) + semantic disturbance loss (SDL) + UNet tuning."""
-
-    prompt_steps: int = 30  # AdamW steps of PT on clean images first, then on x + δ after every epoch
-    prompt_learning_rate: float = 1.0e-3
-    prompt_init: Literal["instance", "empty"] = "instance"  # start PT from c's hidden states or from ""'s
-    attention_weight: float = 1.0  # weight of the SDL term
-    attention_scale: float = 100.0  # SDL = mean(clamp(scale·Ā, 0, 1)²)
-
-
-@dataclass(frozen=True)
-class DisDiffConfig:
-    """DisDiff: cross-attention erasure (CAE) of the trigger token + merit sampling scheduler (MSS)."""
-
-    attention_weight: float = 0.1  # weight of the CAE energy term (DisDiff's att_param)
-    sharpness: float = 100.0  # the token softmax of the maps runs on sharpness·Ā
-    step_schedule: Literal["cosine", "constant"] = "cosine"  # MSS: α·(1 + cos(π t/(T−1)))/2, or α
+    return {cls.settings_key(): cls.default_settings() for cls in methods().values() if cls.Settings is not None}
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Which protection method layer 1 runs, and the per-method settings."""
+    """Which protection method layer 1 runs (``name``), and the settings of every registered method.
 
-    name: MethodName = "dladiff"
-    mist: MistConfig = field(default_factory=MistConfig)
-    anti_diffusion: AntiDiffusionConfig = field(default_factory=AntiDiffusionConfig)
-    disdiff: DisDiffConfig = field(default_factory=DisDiffConfig)
+    In YAML the settings sit beside ``name`` under their key (``method: {name: mist, mist: {...}}``);
+    :mod:`dladiff.methods.registry` says which names and keys exist, each method module holds its
+    settings dataclass (e.g. :class:`dladiff.methods.mist.MistSettings`).
+    """
+
+    name: str = "dladiff"
+    settings: dict[str, Any] = field(default_factory=_default_method_settings)  # settings key -> that method's settings
 
 
 @dataclass(frozen=True)
@@ -238,10 +215,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is MethodConfig:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (section), got {type(value).__name__}")
+        return _build_method(value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping (section), got {type(value).__name__}")
-        return _build(tp, value, where)
+        return build(tp, value, where)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -293,8 +274,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
-def _build(cls: type, data: dict, where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys."""
+def build(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from the mapping ``data``, coercing and checking every value against its
+    annotation; unknown keys and wrong types raise :class:`ConfigError` naming ``where`` and the key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -304,6 +286,22 @@ def _build(cls: type, data: dict, where: str) -> Any:
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _build_method(data: dict, where: str) -> MethodConfig:
+    """The ``method`` section: ``name`` of a registered method, and any registered method's settings by key."""
+    from dladiff.methods.registry import methods, settings_classes
+
+    classes = settings_classes()
+    unknown = sorted(set(data) - {"name"} - set(classes))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(['name', *classes])}")
+    name = _coerce(data.get("name", MethodConfig.name), str, f"{where}.name")
+    names = methods()
+    if name not in names:
+        raise ConfigError(f"{where}.name: {name!r} is not one of {', '.join(repr(n) for n in names)}")
+    settings = {key: build(cls, data.get(key, {}), f"{where}.{key}") for key, cls in classes.items()}
+    return MethodConfig(name, settings)
 
 
 def _validate_ranges(cfg: Config, source: str) -> None:
@@ -332,8 +330,7 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (set(cfg.layer2.landmark_sources) <= {"yunet", "dlib68", "dlib5", "scrfd"}, "layer2.landmark_sources may only name yunet, dlib68, dlib5, scrfd"),
         (cfg.layer2.weighting == "fixed" or math.isfinite(cfg.layer2.hinge_margin), "layer2.hinge_margin must be a finite number"),
         (cfg.layer2.feature_weight >= 0 and all(0 < d <= 1 for d in cfg.layer2.feature_depths), "layer2.feature_weight must be >= 0 and layer2.feature_depths within (0, 1]"),
-        (cfg.method.mist.target_period >= 2, "method.mist.target_period must be >= 2"),
-        (cfg.method.anti_diffusion.prompt_steps >= 0, "method.anti_diffusion.prompt_steps must be >= 0"),
+        *(check for settings in cfg.method.settings.values() if hasattr(settings, "checks") for check in settings.checks()),
         (0 <= cfg.eot.probability <= 1, "eot.probability must be in [0, 1]"),
         (1 <= cfg.eot.jpeg_quality[0] <= cfg.eot.jpeg_quality[1] <= 100, "eot.jpeg_quality must be [low, high] within 1..100"),
         (0 < cfg.eot.resize_scale[0] <= cfg.eot.resize_scale[1] <= 1, "eot.resize_scale must be [low, high] within (0, 1]"),
@@ -381,11 +378,12 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     return resolve_named_file(name_or_path, builtin_config_dir())
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """``over``'s keys over ``base``'s, section by section (a mapping replaces ``layer2.encoders`` whole)."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "encoders":
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -413,7 +411,7 @@ def read_config_tree(path: Path, resolve=resolve_config_path, seen: tuple[Path, 
     parent_path = path.parent / parent
     if not parent_path.is_file():
         parent_path = resolve(parent)
-    return _merge(read_config_tree(parent_path, resolve, seen + (path.resolve(),)), data)
+    return merge(read_config_tree(parent_path, resolve, seen + (path.resolve(),)), data)
 
 
 def load_config(name_or_path: str | Path | None = None) -> Config:
@@ -421,7 +419,7 @@ def load_config(name_or_path: str | Path | None = None) -> Config:
     path = resolve_config_path(name_or_path or "default")
     data = read_config_tree(path)
     try:
-        cfg = _build(Config, data, "")
+        cfg = build(Config, data, "")
     except ConfigError as exc:
         raise ConfigError(f"config {path}: {exc}") from None
     _validate_ranges(cfg, f"config {path}")
@@ -430,21 +428,25 @@ def load_config(name_or_path: str | Path | None = None) -> Config:
 
 def config_from_dict(data: dict) -> Config:
     """Build a validated config from a plain mapping (as written by :func:`config_to_dict`)."""
-    cfg = _build(Config, data, "")
+    cfg = build(Config, data, "")
     _validate_ranges(cfg, "config")
     return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """Plain, JSON-serializable mapping of a config (tuples become lists)."""
+    """Plain, JSON-serializable mapping of a config (tuples become lists), laid out as in the YAML files."""
     def convert(value: Any) -> Any:
-        if isinstance(value, tuple):
+        if isinstance(value, MethodConfig):
+            return {"name": value.name, **{k: convert(v) for k, v in value.settings.items()}}
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (tuple, list)):
             return [convert(v) for v in value]
         if isinstance(value, dict):
             return {k: convert(v) for k, v in value.items()}
         return value
 
-    return convert(dataclasses.asdict(cfg))
+    return convert(cfg)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -463,5 +465,5 @@ def with_overrides(cfg: Config, **sections: dict) -> Config:
     """Return ``cfg`` with some keys of some sections replaced, e.g. ``model={"id": "..."}``."""
     data = config_to_dict(cfg)
     for section, values in sections.items():
-        data[section] = _merge(data[section], values)
+        data[section] = merge(data[section], values)
     return config_from_dict(data)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dladiff.config import (MAX_SEED, ModelConfig, RuntimeConfig, _build, _merge, builtin_config_dir, config_to_dict,
+from dladiff.config import (MAX_SEED, ModelConfig, RuntimeConfig, build, builtin_config_dir, config_to_dict, merge,
                             read_config_tree, resolve_named_file)
 from dladiff.errors import ConfigError
 
@@ -210,7 +210,7 @@ def load_evaluate_config(name_or_path: str | Path | None = None) -> EvaluateConf
     """Load and validate an evaluation config; ``None`` gives the paper's attacker (``default``)."""
     path = resolve_evaluate_path(name_or_path or "default")
     try:
-        cfg = _build(EvaluateConfig, read_config_tree(path, resolve_evaluate_path), "")
+        cfg = build(EvaluateConfig, read_config_tree(path, resolve_evaluate_path), "")
     except ConfigError as exc:
         raise ConfigError(f"evaluation config {path}: {exc}") from None
     return validate(cfg, f"evaluation config {path}")
@@ -218,14 +218,14 @@ def load_evaluate_config(name_or_path: str | Path | None = None) -> EvaluateConf
 
 def evaluate_config_from_dict(data: dict) -> EvaluateConfig:
     """A validated config from a plain mapping (as written by :func:`dladiff.config.config_to_dict`)."""
-    return validate(_build(EvaluateConfig, data, ""), "evaluation config")
+    return validate(build(EvaluateConfig, data, ""), "evaluation config")
 
 
 def with_evaluate_overrides(cfg: EvaluateConfig, **sections) -> EvaluateConfig:
     """``cfg`` with keys replaced, e.g. ``model={"id": ...}`` or ``attacks=("dreambooth",)``."""
     data = config_to_dict(cfg)
     for section, values in sections.items():
-        data[section] = _merge(data[section], values) if isinstance(values, dict) else list(values)
+        data[section] = merge(data[section], values) if isinstance(values, dict) else list(values)
     return evaluate_config_from_dict(data)
 
 

@@ -1,10 +1,11 @@
 """Layer-1 protection methods on one engine: DLADiff and the methods the paper compares with (§5.1).
 
-``run_method(name, ...)`` has the contract of :func:`dladiff.layer1.run_layer1` (same arguments,
-checkpoint/resume, bound, :class:`~dladiff.layer1.Layer1Result`) for every method in :data:`METHODS`:
+One module per method holds its settings dataclass, its :class:`~dladiff.layer1.phases.Method` class
+(the phases of an epoch) and its docstring (paper, loss, defaults with units, shapes, what is kept and
+changed); :mod:`dladiff.methods.registry` finds them. Adding a method = one module + one YAML.
 
 ========================  ==========================================================================
-``dladiff``               DSUR + ADFT (this paper, §4.1)
+``dladiff``               DSUR + ADFT (this paper, §4.1) — :mod:`dladiff.methods.dladiff`
 ``aspl``                  Anti-DreamBooth's ASPL (Van Le et al., ICCV 2023) = "w/o DSUR"
 ``fsmg``                  Anti-DreamBooth's FSMG: PGD against the fixed static surrogate θs
 ``mist``                  MIST (Liang et al. 2023): semantic + textural (target pattern) loss
@@ -13,7 +14,8 @@ checkpoint/resume, bound, :class:`~dladiff.layer1.Layer1Result`) for every metho
 ========================  ==========================================================================
 
 All share η (``layer1.epsilon``), α (``layer1.step_size``), E (``layer1.epochs``) and n1 + n2 PGD
-steps per epoch, so that the comparison is at equal budget (paper §5.1).
+steps per epoch, so that the comparison is at equal budget (paper §5.1). :func:`run_method` has the
+contract of :func:`dladiff.layer1.run_layer1` for every registered method.
 """
 
 from __future__ import annotations
@@ -26,34 +28,12 @@ import torch
 
 from dladiff.config import Config, config_to_dict
 from dladiff.diffusion.loading import SDComponents
-from dladiff.errors import DladiffError
-from dladiff.layer1 import Layer1Result, run_protector
-from dladiff.methods.anti_diffusion import AntiDiffusionProtector
-from dladiff.methods.aspl import ASPLProtector
-from dladiff.methods.base import MethodProtector, pgd_budget
-from dladiff.methods.disdiff import DisDiffProtector
-from dladiff.methods.dsur_adft import DLADiffProtector
-from dladiff.methods.fsmg import FSMGProtector
-from dladiff.methods.mist import MISTProtector
-from dladiff.config import AntiDiffusionConfig, DisDiffConfig, MethodConfig, MistConfig
+from dladiff.layer1 import ADFTProtector, Layer1Result, run_protector
+from dladiff.methods.registry import method_class, methods, register
 from dladiff.runtime import StopRequest
 
-METHODS: dict[str, type[MethodProtector]] = {
-    cls.name: cls
-    for cls in (DLADiffProtector, ASPLProtector, FSMGProtector, MISTProtector, AntiDiffusionProtector, DisDiffProtector)
-}
-
-__all__ = ["METHODS", "MethodProtector", "MethodConfig", "MistConfig", "AntiDiffusionConfig", "DisDiffConfig",
-           "method_class", "method_fingerprint", "needs_static_surrogate", "pgd_budget", "run_method",
+__all__ = ["method_class", "method_fingerprint", "methods", "needs_static_surrogate", "register", "run_method",
            "uses_pretrained_unet"]
-
-
-def method_class(name: str) -> type[MethodProtector]:
-    """The protector class of method ``name``; a clear error for unknown names."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise DladiffError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
 def needs_static_surrogate(name: str, cfg: Config) -> bool:
@@ -82,5 +62,5 @@ def run_method(name: str, x: torch.Tensor, components: SDComponents, static_unet
     go to ``run_dir/layer1.ckpt`` under a fingerprint that includes the method, so a checkpoint of one
     method never resumes another. ``static_unet`` may be ``None`` unless :func:`needs_static_surrogate`.
     """
-    protector = method_class(name)(x, components, static_unet, cfg, device)
+    protector = ADFTProtector(x, components, static_unet, cfg, device, method_class(name)(cfg))
     return run_protector(protector, cfg, run_dir, method_fingerprint(fingerprint, name, cfg), resume, quiet, stop)

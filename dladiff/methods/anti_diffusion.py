@@ -16,23 +16,45 @@ code starts from the empty prompt's, ``prompt_init: empty``); the maps are those
 ``layer1.attention.resolutions``' coarsest level (16² at 512 px, as the official code); the budget
 is the shared n1 + n2 PGD and n3 UNet steps per epoch with η, α and the stage-3 learning rate from
 ``layer1`` (the official code also runs one PGD epoch before the first UNet tuning).
+
+Settings (``method.anti_diffusion``): ``prompt_steps`` 30 AdamW steps, ``prompt_learning_rate`` 1e-3,
+``prompt_init`` instance, ``attention_weight`` w = 1.0 and ``attention_scale`` s = 100 (unitless).
+Shapes: x, δ ``(N, 3, R, R)`` in [-1, 1]; e ``(1, 77, D)``; Ā ``(N, Q, 77)``, Q = (coarsest latent side)².
 """
 
 from __future__ import annotations
 
-import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from dladiff.config import Config
 from dladiff.diffusion.attention import AttentionStore, install_capture
 from dladiff.diffusion.finetune import LatentSet
 from dladiff.diffusion.loading import encode_prompt
 from dladiff.diffusion.loss import denoising_loss, sample_latents
-from dladiff.methods.base import MethodProtector, mean_cross_maps, pgd_with_training
+from dladiff.layer1.models import capturing
+from dladiff.layer1.phases import PGD, Method, Train, Work
+from dladiff.layer1.stages import denoising_loss as stage2_loss
+from dladiff.layer1.stages import perturbed_latent_set
+from dladiff.methods.registry import register
+from dladiff.methods.shared import mean_cross_maps
 from dladiff.runtime import autocast
 
-log = logging.getLogger("dladiff")
+
+@dataclass(frozen=True)
+class AntiDiffusionSettings:
+    """Anti-Diffusion: prompt tuning (PT) + semantic disturbance loss (SDL) + UNet tuning."""
+
+    prompt_steps: int = 30  # AdamW steps of PT on clean images first, then on x + δ after every epoch
+    prompt_learning_rate: float = 1.0e-3
+    prompt_init: Literal["instance", "empty"] = "instance"  # start PT from c's hidden states or from ""'s
+    attention_weight: float = 1.0  # weight of the SDL term
+    attention_scale: float = 100.0  # SDL = mean(clamp(scale·Ā, 0, 1)²)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [(self.prompt_steps >= 0, "method.anti_diffusion.prompt_steps must be >= 0")]
 
 
 def semantic_disturbance(store: AttentionStore, scale: float) -> torch.Tensor:
@@ -40,80 +62,58 @@ def semantic_disturbance(store: AttentionStore, scale: float) -> torch.Tensor:
     return (mean_cross_maps(store) * scale).clamp(0, 1).pow(2).mean()
 
 
-class AntiDiffusionProtector(MethodProtector):
+@register
+class AntiDiffusion(Method):
     """Prompt tuning, then per epoch: PGD on L_denoise − w·SDL, UNet tuning on x + δ, prompt re-tuning."""
 
     name = "anti-diffusion"
+    Settings = AntiDiffusionSettings
 
-    def __init__(self, x, components, static_unet, cfg: Config, device, method=None, eot=None):
-        super().__init__(x, components, None, cfg, device, method, eot)
-        if self.settings.anti_diffusion.prompt_init == "empty":
-            self.text = encode_prompt(components, "", device)
-        self.prompt_tuned = False
+    @property
+    def train_steps(self) -> int:
+        return self.l1.stage3_steps if self.l1.adft else 0
+
+    def setup(self, models, state, components) -> None:
+        if self.settings.prompt_init == "empty":
+            state.text = encode_prompt(components, "", models.device)
         self.store = AttentionStore(enabled=False)
-        install_capture(self.unet_d, self.store, (min(self.l1.attention.resolutions),), self.latent_side)
+        install_capture(models.dynamic, self.store, (min(self.l1.attention.resolutions),), models.latent_side)
 
-    @classmethod
-    def engine_config(cls, cfg: Config) -> Config:
-        return pgd_with_training(cfg)
-
-    def _prompt_step(self, embedding: torch.Tensor, optimizer, data: LatentSet) -> float:
+    def _prompt_step(self, models, state, batch, embedding, optimizer, data: LatentSet) -> float:
         """One AdamW step of e on the mean denoising loss of all of ``data``; returns that loss."""
         grad, total = torch.zeros_like(embedding), 0.0
-        for idx in self._chunks():
-            draw = self._draw(len(idx))
-            with autocast(self.device, self.precision):
-                latents = sample_latents(self.vae, data.mean[idx], data.std[idx], draw.latent_noise)
-                loss = denoising_loss(self.unet_d, self.scheduler, latents, embedding, draw) * len(idx) / len(data)
-            grad += torch.autograd.grad(loss, embedding)[0]
-            total += float(loss.detach())
+        for idx in batch.chunks():
+            draw = models.draw(len(idx), state.generator)
+            with autocast(models.device, models.precision):
+                latents = sample_latents(models.vae, data.mean[idx], data.std[idx], draw.latent_noise)
+                value = denoising_loss(models.dynamic, models.scheduler, latents, embedding, draw) * len(idx) / len(data)
+            grad += torch.autograd.grad(value, embedding)[0]
+            total += float(value.detach())
         embedding.grad = grad
         optimizer.step()
         return total
 
-    def tune_prompt(self, data: LatentSet) -> float:
+    def tune_prompt(self, models, state, batch, data: LatentSet) -> float:
         """PT: ``prompt_steps`` AdamW steps on e minimizing the denoising loss of ``data``; returns the last loss.
 
         θd's weights are frozen meanwhile: only e gets a gradient.
         """
-        settings = self.settings.anti_diffusion
-        embedding = self.text.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.AdamW([embedding], lr=settings.prompt_learning_rate)
-        with self.weights_frozen():
-            losses = [self._prompt_step(embedding, optimizer, data) for _ in range(settings.prompt_steps)]
-        self.text = embedding.detach()
-        return losses[-1] if losses else float("nan")
+        embedding = state.text.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([embedding], lr=self.settings.prompt_learning_rate)
+        with models.dynamic_frozen():
+            losses = [self._prompt_step(models, state, batch, embedding, optimizer, data)
+                      for _ in range(self.settings.prompt_steps)]
+        state.text = embedding.detach()
+        return losses[-1] if losses else math.nan
 
-    def sdl_loss_on(self, idx: torch.Tensor, delta: torch.Tensor, draw) -> torch.Tensor:
-        """L_denoise(x + δ; e) − w·SDL of the chunk ``idx`` (differentiable in delta)."""
-        settings = self.settings.anti_diffusion
-        with self.capturing(self.store), autocast(self.device, self.precision):
-            denoise = self.denoising_loss_on(idx, delta, draw)
-            return denoise - settings.attention_weight * semantic_disturbance(self.store, settings.attention_scale)
+    def sdl_loss(self, models, state, chunk) -> torch.Tensor:
+        """L_denoise(x + δ; e) − w·SDL of ``chunk`` (differentiable in δ)."""
+        with capturing(self.store), autocast(models.device, models.precision):
+            denoise = stage2_loss(models, state, chunk)
+            return denoise - self.settings.attention_weight * semantic_disturbance(self.store, self.settings.attention_scale)
 
-    def sdl_step(self) -> float:
-        """δ ← Π(δ + α·sign(∇(L_denoise − w·SDL))); returns the loss before the step."""
-        return self._pgd_step(self.sdl_loss_on, (self.store,))
-
-    def pgd_phases(self):
-        return [("sdl", self.l1.stage2_steps, self.sdl_step)]
-
-    def before_epoch(self) -> dict:
-        """PT on the clean photos, once, before the first epoch."""
-        if self.prompt_tuned or not self.settings.anti_diffusion.prompt_steps:
-            return {}
-        self.prompt_tuned = True
-        return {"prompt_clean": self.tune_prompt(self.clean)}
-
-    def after_training(self) -> dict:
-        """PT again on x + δ, from the current e."""
-        if not self.settings.anti_diffusion.prompt_steps:
-            return {}
-        return {"prompt": self.tune_prompt(self.perturbed_latent_set())}
-
-    def extra_state(self) -> dict:
-        return {"text": self.text.cpu(), "prompt_tuned": self.prompt_tuned}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.text = state["text"].to(self.device)
-        self.prompt_tuned = state["prompt_tuned"]
+    def epoch(self, state):
+        tune = self.settings.prompt_steps > 0
+        clean = [Work("prompt_clean", lambda m, s, b: self.tune_prompt(m, s, b, m.clean))] if tune and state.epoch == 0 else []
+        again = [Work("prompt", lambda m, s, b: self.tune_prompt(m, s, b, perturbed_latent_set(m, s, b)))] if tune else []
+        return [*clean, PGD("sdl", self.sdl_loss, self.pgd_budget, stores=(self.store,)), Train(self.train_steps), *again]

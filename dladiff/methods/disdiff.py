@@ -16,19 +16,37 @@ Changed: the ASPL base is ours (θd attacked directly, UNet-only training, no pr
 the energy is computed per image and averaged (the official code uses the first image of the batch);
 the SimAC adaptive timestep search that the official script also enables is not used; the budget is
 the shared one (η, α, E, n1 + n2 PGD and n3 training steps from ``layer1``).
+
+Settings (``method.disdiff``): ``attention_weight`` w = 0.1 and ``sharpness`` s = 100 (unitless),
+``step_schedule`` cosine (or constant α). Shapes: x, δ ``(N, 3, R, R)`` in [-1, 1]; Ā and P
+``(N, Q, words)``, Q = (coarsest latent side)²; the MSS step ``(N, 1, 1, 1)`` in [-1, 1] units.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from dladiff.config import Config
 from dladiff.diffusion.attention import AttentionStore, install_capture
 from dladiff.diffusion.loading import token_positions
-from dladiff.methods.base import MethodProtector, mean_cross_maps, pgd_with_training
+from dladiff.layer1.models import capturing
+from dladiff.layer1.phases import PGD, Method, Train
+from dladiff.layer1.stages import denoising_loss
+from dladiff.methods.registry import register
+from dladiff.methods.shared import mean_cross_maps
 from dladiff.runtime import autocast
+
+
+@dataclass(frozen=True)
+class DisDiffSettings:
+    """DisDiff: cross-attention erasure (CAE) of the trigger token + merit sampling scheduler (MSS)."""
+
+    attention_weight: float = 0.1  # weight of the CAE energy term (DisDiff's att_param)
+    sharpness: float = 100.0  # the token softmax of the maps runs on sharpness·Ā
+    step_schedule: Literal["cosine", "constant"] = "cosine"  # MSS: α·(1 + cos(π t/(T−1)))/2, or α
 
 
 def word_positions(tokenizer, prompt: str) -> list[int]:
@@ -50,39 +68,36 @@ def merit_step_sizes(timesteps: torch.Tensor, num_train_timesteps: int, step_siz
     return (step_size * 0.5 * (1 + torch.cos(math.pi * t))).view(-1, 1, 1, 1)
 
 
-class DisDiffProtector(MethodProtector):
+@register
+class DisDiff(Method):
     """ASPL with PGD on L_denoise + w·L_CAE and the merit-scheduled step size, then n3 steps of θd."""
 
     name = "disdiff"
+    Settings = DisDiffSettings
 
-    def __init__(self, x, components, static_unet, cfg: Config, device, method=None, eot=None):
-        super().__init__(x, components, None, cfg, device, method, eot)
+    @property
+    def train_steps(self) -> int:
+        return self.l1.stage3_steps if self.l1.adft else 0
+
+    def setup(self, models, state, components) -> None:
         prompt = self.cfg.prompt
         self.words = word_positions(components.tokenizer, prompt.instance)
         self.trigger = token_positions(components.tokenizer, prompt.instance, prompt.trigger)
         self.store = AttentionStore(enabled=False)
-        install_capture(self.unet_d, self.store, (min(self.l1.attention.resolutions),), self.latent_side)
+        install_capture(models.dynamic, self.store, (min(self.l1.attention.resolutions),), models.latent_side)
 
-    @classmethod
-    def engine_config(cls, cfg: Config) -> Config:
-        return pgd_with_training(cfg)
-
-    def cae_loss_on(self, idx: torch.Tensor, delta: torch.Tensor, draw) -> torch.Tensor:
-        """L_denoise(x + δ) + w·L_CAE of the chunk ``idx`` (differentiable in delta)."""
-        settings = self.settings.disdiff
-        with self.capturing(self.store), autocast(self.device, self.precision):
-            denoise = self.denoising_loss_on(idx, delta, draw)
+    def cae_loss(self, models, state, chunk) -> torch.Tensor:
+        """L_denoise(x + δ) + w·L_CAE of ``chunk`` (differentiable in δ)."""
+        settings = self.settings
+        with capturing(self.store), autocast(models.device, models.precision):
+            denoise = denoising_loss(models, state, chunk)
             return denoise + settings.attention_weight * erasure_energy(self.store, self.words, self.trigger, settings.sharpness)
 
-    def cae_step(self) -> float:
-        """δ_i ← Π(δ_i + α_i·sign(∇ L)) with the MSS step α_i; returns the loss before the step."""
-        return self._pgd_step(self.cae_loss_on, (self.store,))
+    def merit_step(self, models, state, chunk) -> torch.Tensor:
+        """The MSS step α_i of each image of ``chunk`` for its timestep."""
+        sizes = merit_step_sizes(chunk.draw.timesteps, models.scheduler.config.num_train_timesteps, self.l1.step_size)
+        return sizes.to(state.delta.device, state.delta.dtype)
 
-    def step_size(self, draw) -> float | torch.Tensor:
-        if self.settings.disdiff.step_schedule == "constant":
-            return self.l1.step_size
-        sizes = merit_step_sizes(draw.timesteps, self.scheduler.config.num_train_timesteps, self.l1.step_size)
-        return sizes.to(self.delta.device, self.delta.dtype)
-
-    def pgd_phases(self):
-        return [("cae", self.l1.stage2_steps, self.cae_step)]
+    def epoch(self, state):
+        rule = self.merit_step if self.settings.step_schedule == "cosine" else None
+        return [PGD("cae", self.cae_loss, self.pgd_budget, step_size=rule, stores=(self.store,)), Train(self.train_steps)]

@@ -16,18 +16,35 @@ Changed: the target is generated in code (a black-and-white checkerboard of peri
 distance is a mean (Mist sums over the latent and weights the semantic term by 1e4: at 512 px,
 4×64×64 latents, that ratio is w_sem ≈ 0.61 in mean units, our default); the target latent is the
 posterior mean, not a sample; the budget is the shared E·(n1 + n2) steps with η and α from ``layer1``.
+
+Settings (``method.mist``): ``semantic_weight`` w_sem = 0.61, ``textural_weight`` w_tex = 1.0 (both
+unitless), ``target_period`` = 32 pixels at the model resolution. Shapes: x, δ, y ``(N, 3, R, R)``
+in [-1, 1]; z ``(N, 4, R/8, R/8)``. The UNet is the pretrained one (θd of the engine, never trained here).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from dladiff.config import Config
-from dladiff.diffusion.finetune import encode_images
-from dladiff.diffusion.loss import denoising_loss
-from dladiff.methods.base import MethodProtector, pgd_only
+from dladiff.diffusion import loss
+from dladiff.layer1.phases import PGD, Method
+from dladiff.methods.registry import register
 from dladiff.runtime import autocast
+
+
+@dataclass(frozen=True)
+class MistSettings:
+    """MIST's fused loss w_sem·L_denoise − w_tex·mean‖z(x+δ) − z(target)‖² (ascent)."""
+
+    semantic_weight: float = 0.61  # w_sem: Mist's rate 1e4 vs its sum-reduced textural loss over 4x64x64 latents
+    textural_weight: float = 1.0  # w_tex
+    target_period: int = 32  # pixels at the model resolution: one period of the checkerboard target
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [(self.target_period >= 2, "method.mist.target_period must be >= 2")]
 
 
 def target_pattern(resolution: int, period: int) -> torch.Tensor:
@@ -38,33 +55,24 @@ def target_pattern(resolution: int, period: int) -> torch.Tensor:
     return (board.float() * 2 - 1).expand(1, 3, resolution, resolution).contiguous()
 
 
-class MISTProtector(MethodProtector):
-    """E·(n1 + n2) PGD ascent steps on the fused semantic + textural loss of the pretrained model."""
+@register
+class MIST(Method):
+    """n1 + n2 PGD ascent steps per epoch on the fused semantic + textural loss of the pretrained model."""
 
     name = "mist"
+    Settings = MistSettings
 
-    def __init__(self, x, components, static_unet, cfg: Config, device, method=None, eot=None):
-        super().__init__(x, components, None, cfg, device, method, eot)
-        target = target_pattern(self.cfg.model.resolution, self.settings.mist.target_period).to(device)
-        posterior = encode_images(self.vae, target, self.text, 1, device, self.precision)
-        self.target_latent = posterior.mean * self.vae.config.scaling_factor
+    def setup(self, models, state, components) -> None:
+        target = target_pattern(self.cfg.model.resolution, self.settings.target_period).to(models.device)
+        self.target_latent = models.encode(target, state.text, 1).mean * models.vae.config.scaling_factor
 
-    @classmethod
-    def engine_config(cls, cfg: Config) -> Config:
-        return pgd_only(cfg)
-
-    def fused_loss_on(self, idx: torch.Tensor, delta: torch.Tensor, draw) -> torch.Tensor:
-        """w_sem·L_denoise − w_tex·mean‖z(x+δ) − z(y)‖² of the chunk ``idx`` (differentiable in delta)."""
-        weights = self.settings.mist
-        with autocast(self.device, self.precision):
-            latents = self._perturbed_latents(delta, idx, draw.latent_noise)
-            semantic = denoising_loss(self.unet_d, self.scheduler, latents, self.text, draw)
+    def fused_loss(self, models, state, chunk) -> torch.Tensor:
+        """w_sem·L_denoise − w_tex·mean‖z(x+δ) − z(y)‖² of ``chunk`` (differentiable in δ)."""
+        with autocast(models.device, models.precision):
+            latents = models.perturbed_latents(chunk, state.generator)
+            semantic = loss.denoising_loss(models.dynamic, models.scheduler, latents, state.text, chunk.draw)
         textural = F.mse_loss(latents.float(), self.target_latent.expand_as(latents).float())
-        return weights.semantic_weight * semantic - weights.textural_weight * textural
+        return self.settings.semantic_weight * semantic - self.settings.textural_weight * textural
 
-    def fused_step(self) -> float:
-        """δ ← Π(δ + α·sign(∇ L_fused)); returns the loss before the step."""
-        return self._pgd_step(self.fused_loss_on)
-
-    def pgd_phases(self):
-        return [("fused", self.l1.stage2_steps, self.fused_step)]
+    def epoch(self, state):
+        return [PGD("fused", self.fused_loss, self.pgd_budget)]
