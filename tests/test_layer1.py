@@ -12,6 +12,8 @@ from dladiff.data import model_batch, Portrait
 from dladiff.diffusion.loading import load_sd, load_unet
 from dladiff.errors import DladiffError
 from dladiff.layer1 import CHECKPOINT, PREVIOUS_CHECKPOINT, ADFTProtector, load_checkpoint, run_layer1, save_checkpoint
+from dladiff.layer1.models import Chunk
+from dladiff.layer1.stages import attention_loss, denoising_loss
 from dladiff.runtime import Interrupted, StopRequest
 
 CPU = torch.device("cpu")
@@ -36,44 +38,49 @@ def _protector(tiny_sd, cfg, images, static=None):
 
 def test_attention_loss_is_zero_for_identical_surrogates_and_images(tiny_sd, cfg, images):
     protector = _protector(tiny_sd, cfg, images, static=load_unet(tiny_sd))
-    idx = torch.arange(len(images))
-    loss = protector.attention_loss_on(idx, torch.zeros_like(images), protector._draw(len(idx)))
+    loss = attention_loss(protector.models, protector.state, _chunk(protector))
     assert loss.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def _chunk(protector, delta=None):
+    """All images as one chunk with a fresh draw (of the run's generator)."""
+    idx = torch.arange(protector.x.shape[0])
+    delta = protector.delta.clone() if delta is None else delta
+    return Chunk(idx, protector.x, delta, protector.models.draw(len(idx), protector.state.generator))
 
 
 def _loss_before_after(protector, loss_fn, step_fn, seed=123):
     """The loss on one fixed draw before and after one step (draws inside the step are its own)."""
-    idx = torch.arange(protector.x.shape[0])
-    protector.generator.manual_seed(seed)
-    draw = protector._draw(len(idx))
-    before = loss_fn(idx, protector.delta, draw).item()
-    protector.generator.manual_seed(seed)
+    protector.state.generator.manual_seed(seed)
+    chunk = _chunk(protector)
+    before = loss_fn(protector.models, protector.state, chunk).item()
+    protector.state.generator.manual_seed(seed)
     step_fn()
-    after = loss_fn(idx, protector.delta, draw).item()
+    chunk.delta = protector.delta.clone()
+    after = loss_fn(protector.models, protector.state, chunk).item()
     return before, after
 
 
 def test_stage1_step_raises_attention_loss(tiny_sd, cfg, images):
     protector = _protector(tiny_sd, cfg, images)
-    before, after = _loss_before_after(protector, protector.attention_loss_on, protector.stage1_step)
+    before, after = _loss_before_after(protector, attention_loss, protector.stage1_step)
     assert after > before
 
 
 def test_stage2_step_raises_denoising_loss(tiny_sd, cfg, images):
     protector = _protector(tiny_sd, cfg, images)
-    before, after = _loss_before_after(protector, protector.denoising_loss_on, protector.stage2_step)
+    before, after = _loss_before_after(protector, denoising_loss, protector.stage2_step)
     assert after > before
 
 
 def test_stage3_steps_lower_denoising_loss(tiny_sd, images):
     cfg = with_overrides(load_config("smoke"), layer1={"stage3_learning_rate": 1e-3})
     protector = _protector(tiny_sd, cfg, images)
-    idx = torch.arange(len(images))
-    draws = [protector._draw(len(idx)) for _ in range(4)]
+    chunks = [_chunk(protector) for _ in range(4)]
 
     def mean_loss():
         with torch.no_grad():
-            return sum(float(protector.denoising_loss_on(idx, protector.delta, d)) for d in draws) / len(draws)
+            return sum(float(denoising_loss(protector.models, protector.state, c)) for c in chunks) / len(chunks)
 
     before = mean_loss()
     data = protector.perturbed_latent_set()
@@ -190,6 +197,20 @@ def test_crafted_checkpoint_is_not_unpickled(tiny_sd, cfg, images, tmp_path, cap
 
 def test_checkpoint_of_another_run_is_a_clear_error(tiny_sd, cfg, images, tmp_path):
     protector = _protector(tiny_sd, cfg, images)
-    save_checkpoint(protector.state("other"), tmp_path)
+    save_checkpoint(protector.state.checkpoint("other"), tmp_path)
     with pytest.raises(DladiffError, match="other photos"):
         load_checkpoint(tmp_path, "fp")
+
+
+def test_run_state_checkpoint_round_trip_continues_exactly(tiny_sd, cfg, images):
+    """RunState.checkpoint → restore into a fresh run: the next epoch gives the same δ1 bit for bit."""
+    first = _protector(tiny_sd, cfg, images)
+    first.run_epoch()
+    saved = first.state.checkpoint("fp")
+    assert {"delta", "generator", "text", "epoch", "history", "unet_d", "optimizer"} <= set(saved)
+    second = _protector(tiny_sd, cfg, images)
+    second.state.restore(saved)
+    first.run_epoch()
+    second.run_epoch()
+    torch.testing.assert_close(second.delta, first.delta, atol=0, rtol=0)
+    assert second.history == first.history and second.epoch == 2

@@ -9,18 +9,18 @@ from dladiff.data import Portrait, model_batch
 from dladiff.diffusion.attention import AttentionStore
 from dladiff.diffusion.loading import load_sd
 from dladiff.errors import DladiffError
-from dladiff.layer1 import run_layer1
-from dladiff.methods import (METHODS, AntiDiffusionConfig, MethodConfig, method_class, method_fingerprint,
-                             needs_static_surrogate, run_method)
+from dladiff.layer1 import ADFTProtector, run_layer1, run_protector
+from dladiff.layer1.models import Chunk
+from dladiff.layer1.phases import PGD
+from dladiff.methods import method_class, method_fingerprint, methods, needs_static_surrogate, run_method
 from dladiff.methods.anti_diffusion import semantic_disturbance
-from dladiff.layer1 import run_protector
 from dladiff.methods.disdiff import erasure_energy, merit_step_sizes
 from dladiff.methods.mist import target_pattern
-from dladiff.config import EOTConfig
 from dladiff.runtime import Interrupted, StopRequest
 
 CPU = torch.device("cpu")
-FAST = MethodConfig(anti_diffusion=AntiDiffusionConfig(prompt_steps=2))
+FAST = {"anti_diffusion": {"prompt_steps": 2}}
+BUILTIN = ["dladiff", "aspl", "fsmg", "mist", "anti-diffusion", "disdiff"]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,9 @@ def images(real_photos):
     return model_batch(portraits, 64)
 
 
-def _protector(name, tiny_sd, cfg, images, **kwargs):
-    return method_class(name)(images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, **kwargs)
+def _protector(name, tiny_sd, cfg, images, method=None, **sections):
+    cfg = with_overrides(cfg, method={"name": name, **(method or {})}, **sections)
+    return ADFTProtector(images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, method_class(name)(cfg))
 
 
 def _assert_within_bound(delta, x, eps):
@@ -46,7 +47,7 @@ def _assert_within_bound(delta, x, eps):
     assert (x + delta).min() >= -1 - 1e-6 and (x + delta).max() <= 1 + 1e-6
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_method_runs_end_to_end_within_the_bound(name, tiny_sd, cfg, images, tmp_path):
     result = run_method(name, images, load_sd(str(tiny_sd)), perturbed_unet(tiny_sd), cfg, CPU, tmp_path, "fp", quiet=True)
     assert [h["epoch"] for h in result.history] == [1, 2]
@@ -77,7 +78,7 @@ def test_dladiff_runs_three_stages_and_reads_the_static_surrogate(tiny_sd, cfg, 
 def test_resume_restores_method_state(tiny_sd, cfg, images, tmp_path):
     """Anti-Diffusion's tuned prompt is part of the checkpoint: resumed = uninterrupted."""
     def run(out, resume=False, stop=None):
-        protector = _protector("anti-diffusion", tiny_sd, cfg, images, method=FAST)
+        protector = _protector("anti-diffusion", tiny_sd, cfg, images, FAST)
         return run_protector(protector, cfg, out, "fp", resume=resume, quiet=True, stop=stop)
 
     full = run(tmp_path / "a")
@@ -90,46 +91,73 @@ def test_resume_restores_method_state(tiny_sd, cfg, images, tmp_path):
     assert resumed.history == full.history
 
 
-def _loss_before_after(protector, loss_fn, step_fn, seed=123):
-    """The loss on one fixed draw before and after one step that uses the same draw."""
+def _fixed_chunk(protector, seed):
+    protector.state.generator.manual_seed(seed)
     idx = torch.arange(protector.x.shape[0])
-    protector.generator.manual_seed(seed)
-    draw = protector._draw(len(idx))
-    before = float(loss_fn(idx, protector.delta, draw).detach())
-    protector.generator.manual_seed(seed)
-    step_fn()
-    return before, float(loss_fn(idx, protector.delta, draw).detach())
+    return Chunk(idx, protector.x, protector.delta.clone(), protector.models.draw(len(idx), protector.state.generator))
 
 
-@pytest.mark.parametrize("name, loss, step", [
-    ("mist", "fused_loss_on", "fused_step"),
-    ("anti-diffusion", "sdl_loss_on", "sdl_step"),
-    ("disdiff", "cae_loss_on", "cae_step"),
-])
-def test_method_pgd_step_raises_its_loss(name, loss, step, tiny_sd, cfg, images):
-    protector = _protector(name, tiny_sd, cfg, images, method=FAST)
-    before, after = _loss_before_after(protector, getattr(protector, loss), getattr(protector, step))
+def _loss_before_after(protector, phase: PGD, seed=123):
+    """The loss on one fixed draw before and after one step of ``phase`` that uses the same draw."""
+    chunk = _fixed_chunk(protector, seed)
+    before = float(phase.loss(protector.models, protector.state, chunk).detach())
+    protector.state.generator.manual_seed(seed)
+    protector.pgd(phase)
+    chunk.delta = protector.delta.clone()
+    return before, float(phase.loss(protector.models, protector.state, chunk).detach())
+
+
+@pytest.mark.parametrize("name, key", [("mist", "fused"), ("anti-diffusion", "sdl"), ("disdiff", "cae"), ("fsmg", "denoise")])
+def test_method_pgd_step_raises_its_loss(name, key, tiny_sd, cfg, images):
+    protector = _protector(name, tiny_sd, cfg, images, FAST)
+    (phase,) = [p for p in protector.method.epoch(protector.state) if isinstance(p, PGD)]
+    assert phase.key == key
+    before, after = _loss_before_after(protector, phase)
     assert after > before
 
 
+@pytest.mark.parametrize("name", ["mist", "anti-diffusion", "disdiff", "aspl", "fsmg"])
+def test_comparison_methods_spend_n1_plus_n2_pgd_steps_whatever_the_stage_split(name, tiny_sd, cfg, images):
+    """Their PGD phase is not stage 2: n1 = 2, n2 = 0 still gives 2 PGD steps per epoch."""
+    protector = _protector(name, tiny_sd, cfg, images, FAST, layer1={"stage1_steps": 2, "stage2_steps": 0})
+    pgd = [p for p in protector.method.epoch(protector.state) if isinstance(p, PGD)]
+    assert [p.steps for p in pgd] == [2]
+
+
+def test_fsmg_attacks_the_static_surrogate_and_has_no_dynamic_one(tiny_sd, cfg, images):
+    protector = _protector("fsmg", tiny_sd, cfg, images)
+    assert protector.unet_d is None and protector.trainer is None and protector.static_unet is not None
+
+
+def test_dsur_off_gives_stage_1_steps_to_stage_2(tiny_sd, cfg, images, tmp_path):
+    """layer1.dsur: false keeps the PGD budget: n1 + n2 steps on the denoising loss (= ASPL), not n2 alone."""
+    no_dsur = with_overrides(cfg, layer1={"dsur": False, "stage1_steps": 1, "stage2_steps": 1})
+    protector = ADFTProtector(images, load_sd(str(tiny_sd)), None, no_dsur, CPU)
+    assert [(p.key, p.steps) for p in protector.method.epoch(protector.state) if isinstance(p, PGD)] == [("attn", 0), ("denoise", 2)]
+    assert protector.steps_per_epoch() == 2 + 1
+    ours = run_layer1(images, load_sd(str(tiny_sd)), None, no_dsur, CPU, tmp_path / "d", "fp", quiet=True)
+    aspl = run_method("aspl", images, load_sd(str(tiny_sd)), None, cfg, CPU, tmp_path / "a", "fp", quiet=True)
+    torch.testing.assert_close(ours.delta, aspl.delta, atol=0, rtol=0)
+
+
 def test_prompt_tuning_lowers_the_denoising_loss_of_clean_images(tiny_sd, cfg, images):
-    method = MethodConfig(anti_diffusion=AntiDiffusionConfig(prompt_steps=5, prompt_learning_rate=1e-2))
-    protector = _protector("anti-diffusion", tiny_sd, cfg, images, method=method)
-    idx = torch.arange(len(images))
-    draws = [protector._draw(len(idx)) for _ in range(3)]
+    from dladiff.layer1.stages import denoising_loss
+
+    protector = _protector("anti-diffusion", tiny_sd, cfg, images, {"anti_diffusion": {"prompt_steps": 5, "prompt_learning_rate": 1e-2}})
+    chunks = [_fixed_chunk(protector, seed) for seed in range(3)]
 
     def mean_loss():
         with torch.no_grad():
-            return sum(float(protector.denoising_loss_on(idx, protector.delta, d)) for d in draws) / len(draws)
+            return sum(float(denoising_loss(protector.models, protector.state, c)) for c in chunks) / len(chunks)
 
     before = mean_loss()
-    protector.tune_prompt(protector.clean)
+    protector.method.tune_prompt(protector.models, protector.state, protector.batch, protector.models.clean)
     assert mean_loss() < before
 
 
 def test_eot_changes_the_gradient_path_and_keeps_the_bound(tiny_sd, cfg, images):
     plain = _protector("aspl", tiny_sd, cfg, images)
-    eot = _protector("aspl", tiny_sd, cfg, images, eot=EOTConfig(enabled=True, probability=1.0))
+    eot = _protector("aspl", tiny_sd, cfg, images, eot={"enabled": True, "probability": 1.0})
     plain.run_epoch()
     eot.run_epoch()
     _assert_within_bound(eot.delta, images, cfg.layer1.epsilon)
@@ -146,12 +174,12 @@ def test_unknown_method_and_missing_surrogate_are_clear_errors(tiny_sd, cfg, ima
     with pytest.raises(DladiffError, match="unknown method 'glaze'.*aspl"):
         method_class("glaze")
     with pytest.raises(DladiffError, match="static surrogate"):
-        method_class("fsmg")(images, load_sd(str(tiny_sd)), None, cfg, CPU)
+        ADFTProtector(images, load_sd(str(tiny_sd)), None, cfg, CPU, method_class("fsmg")(cfg))
 
 
 def test_checkpoints_of_different_methods_never_match(cfg):
-    prints = {method_fingerprint("fp", name, cfg) for name in METHODS}
-    assert len(prints) == len(METHODS)
+    prints = {method_fingerprint("fp", name, cfg) for name in methods()}
+    assert len(prints) == len(methods()) >= len(BUILTIN)
 
 
 def test_mist_target_is_a_high_contrast_periodic_texture():
@@ -194,7 +222,7 @@ def test_attention_methods_work_with_gradient_checkpointing(name, tiny_sd, cfg, 
     deltas = []
     for checkpointing in (False, True):
         run_cfg = with_overrides(cfg, runtime={"gradient_checkpointing": checkpointing})
-        protector = _protector(name, tiny_sd, run_cfg, images, method=FAST)
+        protector = _protector(name, tiny_sd, run_cfg, images, FAST)
         protector.run_epoch()
         deltas.append(protector.delta)
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=0)
@@ -202,13 +230,13 @@ def test_attention_methods_work_with_gradient_checkpointing(name, tiny_sd, cfg, 
 
 def test_prompt_tuning_tracks_no_weight_gradients(tiny_sd, cfg, images):
     """Anti-Diffusion's prompt tuning differentiates w.r.t. e only: θd's weights are frozen meanwhile."""
-    protector = _protector("anti-diffusion", tiny_sd, cfg, images, method=FAST)
+    protector = _protector("anti-diffusion", tiny_sd, cfg, images, FAST)
     seen = []
     hook = protector.unet_d.register_forward_pre_hook(
         lambda module, args: seen.append(any(p.requires_grad for p in module.parameters())))
-    text = protector.text.clone()
-    protector.tune_prompt(protector.clean)
+    text = protector.state.text.clone()
+    protector.method.tune_prompt(protector.models, protector.state, protector.batch, protector.models.clean)
     hook.remove()
     assert seen and not any(seen)
-    assert not torch.equal(protector.text, text)
+    assert not torch.equal(protector.state.text, text)
     assert all(p.requires_grad for p in protector.trainer.params) and all(p.grad is None for p in protector.trainer.params)

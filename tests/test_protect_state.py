@@ -40,10 +40,10 @@ def test_planted_and_damaged_layer1_files_are_refused_not_run(photo_dir, tmp_pat
 def test_fsmg_does_not_keep_the_pretrained_unet(photo_dir, tmp_path, monkeypatch):
     """FSMG attacks θs only: the base UNet that load_sd returned is freed before the attack runs."""
     import dladiff.diffusion.loading as loading
-    from dladiff.methods.fsmg import FSMGProtector
+    from dladiff.layer1 import ADFTProtector
 
     loaded, alive = [], []
-    real_load_sd, real_run_epoch = loading.load_sd, FSMGProtector.run_epoch
+    real_load_sd, real_run_epoch = loading.load_sd, ADFTProtector.run_epoch
 
     def load_sd(*args, **kwargs):
         components = real_load_sd(*args, **kwargs)
@@ -56,7 +56,7 @@ def test_fsmg_does_not_keep_the_pretrained_unet(photo_dir, tmp_path, monkeypatch
         return real_run_epoch(self, bar)
 
     monkeypatch.setattr(loading, "load_sd", load_sd)
-    monkeypatch.setattr(FSMGProtector, "run_epoch", run_epoch)
+    monkeypatch.setattr(ADFTProtector, "run_epoch", run_epoch)
     outcome = protect_folder(photo_dir, tmp_path / "out", fast("fsmg"), layers=(1,), quiet=True)
     assert alive == [False]
     assert outcome.report["layer1"]["method"] == "fsmg" and len(outcome.report["images"]) == 4
