@@ -16,12 +16,10 @@ from dladiff.faces.detect import (
     InsightFaceDetector,
     RetinaFaceDetector,
     YuNetDetector,
-    available_detector_pack,
-    facexlib_weights_dir,
     five_points_from_68,
     make_detector,
-    pack_file,
 )
+from dladiff.faces.model_packs import available_detector_pack, facexlib_weights_dir, pack_file
 
 IMAGES = insightface_images_dir()
 MODEL_ROOT = INSIGHTFACE_MODEL_ROOT

@@ -289,7 +289,8 @@ def test_identitynet_reads_face_tokens_instead_of_the_prompt(tiny_sd):
 def test_instantid_resampler_checkpoint_loads_through_diffusers(tiny_sd):
     """InstantID's ip-adapter.bin uses IP-Adapter-Plus keys; diffusers turns them into the face tokens."""
     from dladiff.diffusion.loading import load_sd
-    from dladiff.evaluate.instantid import embeds_with_negative, face_tokens
+    from dladiff.evaluate.faceid import id_embeds
+    from dladiff.evaluate.instantid import face_tokens
 
     unet = load_sd(str(tiny_sd)).unet
     cross, dim, embed_dim, queries = unet.config.cross_attention_dim, 64, 128, 4
@@ -314,7 +315,7 @@ def test_instantid_resampler_checkpoint_loads_through_diffusers(tiny_sd):
             ip_adapter[f"{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.02
             key += 2
     unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_adapter}], low_cpu_mem_usage=False)
-    tokens = face_tokens(unet, embeds_with_negative(np.ones(embed_dim), torch.float32, "cpu"))
+    tokens = face_tokens(unet, id_embeds(np.ones(embed_dim), torch.float32, "cpu"))
     assert tokens.shape == (2, queries, cross) and not torch.allclose(tokens[0], tokens[1])
 
 

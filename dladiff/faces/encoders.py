@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from dladiff.errors import DladiffError, ModelUnavailableError
 from dladiff.faces.align import ARCFACE_TEMPLATE_112
-from dladiff.faces.detect import expected_pack_path, pack_file
+from dladiff.faces.model_packs import expected_pack_path, pack_file
 from dladiff.faces.onnx_convert import (
     freeze,
     load_onnx_model,
