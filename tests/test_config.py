@@ -5,6 +5,7 @@ import pytest
 
 from dladiff.config import builtin_config_names, config_to_dict, load_config, with_overrides
 from dladiff.errors import ConfigError
+from dladiff.methods.registry import method_class
 from dladiff.protect import allowed_linf_255
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -55,7 +56,9 @@ def test_readme_states_the_combined_bound():
 
 def test_ablations_are_config_switches():
     assert not load_config("ablation_no_dsur").layer1.dsur
-    assert load_config("ablation_no_dsur").layer1.stage2_steps == 6
+    dladiff = method_class("dladiff")
+    assert dladiff(load_config("ablation_no_dsur")).pgd_steps == (0, 6)  # the PGD budget of the full method
+    assert dladiff(load_config("default")).pgd_steps == (3, 3)
     assert not load_config("ablation_no_adft").layer1.adft
 
 

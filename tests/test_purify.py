@@ -8,8 +8,8 @@ from dladiff.data import psnr, to_tensor
 from dladiff.errors import DladiffError
 from dladiff.pgd import pgd_update
 from dladiff.config import EOTConfig
-from dladiff.purify import (blur_uint8, diff_jpeg, diff_resize, eot_transform, gaussian_blur, jpeg_uint8,
-                            parse_purify, quantization_table, resize_uint8)
+from dladiff.eot import diff_jpeg, diff_resize, eot_transform, gaussian_blur, quantization_table
+from dladiff.purify import blur_uint8, jpeg_uint8, parse_purify, resize_uint8
 
 
 @pytest.fixture(scope="module")

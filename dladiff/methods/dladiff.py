@@ -37,6 +37,12 @@ class DLADiff(Method):
         return cfg.layer1.dsur and cfg.layer1.stage1_steps > 0
 
     @property
+    def pgd_steps(self) -> tuple[int, int]:
+        """(stage-1, stage-2) PGD steps per epoch: (n1, n2), or (0, n1 + n2) with ``layer1.dsur: false``."""
+        n1 = self.l1.stage1_steps if self.l1.dsur else 0
+        return n1, self.pgd_budget - n1
+
+    @property
     def train_steps(self) -> int:
         return self.l1.stage3_steps if self.l1.adft else 0
 
@@ -46,10 +52,10 @@ class DLADiff(Method):
             install_attention_capture(models, components.tokenizer, self.cfg)
 
     def epoch(self, state):
-        att, n1 = self.l1.attention, self.l1.stage1_steps if self.l1.dsur else 0
+        att, (n1, n2) = self.l1.attention, self.pgd_steps
         return [
             PGD("attn", partial(attention_loss, cross_weight=att.cross_weight, self_weight=att.self_weight), n1,
                 stores=self.stores),
-            PGD("denoise", denoising_loss, self.pgd_budget - n1),
+            PGD("denoise", denoising_loss, n2),
             Train(self.train_steps),
         ]
