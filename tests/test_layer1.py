@@ -202,11 +202,12 @@ def test_checkpoint_of_another_run_is_a_clear_error(tiny_sd, cfg, images, tmp_pa
         load_checkpoint(tmp_path, "fp")
 
 
-def test_run_state_checkpoint_round_trip_continues_exactly(tiny_sd, cfg, images):
-    """RunState.checkpoint → restore into a fresh run: the next epoch gives the same δ1 bit for bit."""
+def test_run_state_checkpoint_round_trip_continues_exactly(tiny_sd, cfg, images, tmp_path):
+    """RunState.checkpoint → file → restore into a fresh run: the next epoch gives the same δ1 bit for bit."""
     first = _protector(tiny_sd, cfg, images)
     first.run_epoch()
-    saved = first.state.checkpoint("fp")
+    save_checkpoint(first.state.checkpoint("fp"), tmp_path)
+    saved = load_checkpoint(tmp_path, "fp")
     assert {"delta", "generator", "text", "epoch", "history", "unet_d", "optimizer"} <= set(saved)
     second = _protector(tiny_sd, cfg, images)
     second.state.restore(saved)

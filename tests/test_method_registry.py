@@ -1,5 +1,8 @@
 """A method is one module + one YAML: a toy method registered here goes through the config loader and a run."""
 
+import subprocess
+import sys
+
 from dataclasses import dataclass
 
 import pytest
@@ -79,3 +82,11 @@ def test_unknown_method_names_and_keys_are_clear_errors(tmp_path):
 
 def test_builtin_methods_are_registered_in_order():
     assert list(methods())[:6] == ["dladiff", "aspl", "fsmg", "mist", "anti-diffusion", "disdiff"]
+
+
+def test_loading_a_config_imports_neither_torch_nor_diffusers():
+    """The registry reads every method's settings without the engine (commands like verify need no torch)."""
+    code = ("import sys; from dladiff.config import load_config; cfg = load_config('method_disdiff'); "
+            "print(cfg.method.name, 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["disdiff", "False", "False"]

@@ -16,9 +16,18 @@ Every PGD step is δ1 ← Π(δ1 + α1·sign(∇δ1 L)) with Π clipping δ1 to 
 ``adft: false`` drops stage 3 (Table 5). A resumed run reaches the same result as an uninterrupted one.
 """
 
-from dladiff.layer1.engine import ADFTProtector, Layer1Result, run_fingerprint, run_layer1, run_protector
-from dladiff.layer1.state import (CHECKPOINT, CHECKPOINT_KIND, PREVIOUS_CHECKPOINT, RunState, load_checkpoint,
-                                  remove_checkpoints, save_checkpoint)
+_EXPORTS = {
+    "ADFTProtector": "engine", "Layer1Result": "engine", "run_fingerprint": "engine", "run_layer1": "engine",
+    "run_protector": "engine", "CHECKPOINT": "state", "CHECKPOINT_KIND": "state", "PREVIOUS_CHECKPOINT": "state",
+    "RunState": "state", "load_checkpoint": "state", "remove_checkpoints": "state", "save_checkpoint": "state",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["ADFTProtector", "CHECKPOINT", "CHECKPOINT_KIND", "Layer1Result", "PREVIOUS_CHECKPOINT", "RunState",
-           "load_checkpoint", "remove_checkpoints", "run_fingerprint", "run_layer1", "run_protector", "save_checkpoint"]
+
+def __getattr__(name: str):
+    """The engine's names, imported on first use: method modules import :mod:`dladiff.layer1.phases` without torch."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dladiff.layer1' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"dladiff.layer1.{_EXPORTS[name]}"), name)

@@ -13,18 +13,21 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dladiff.config import Config, config_to_dict
 from dladiff.diffusion.finetune import LatentSet
-from dladiff.diffusion.loading import SDComponents
 from dladiff.errors import DladiffError
 from dladiff.layer1 import stages
 from dladiff.layer1.models import Batch, load_models
 from dladiff.layer1.phases import PGD, Method, Phase, Train, Work
 from dladiff.layer1.state import RunState, load_checkpoint, save_checkpoint
 from dladiff.runtime import Interrupted, StopRequest, progress
+
+if TYPE_CHECKING:
+    from dladiff.diffusion.loading import SDComponents
 
 log = logging.getLogger("dladiff")
 

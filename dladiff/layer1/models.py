@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from dladiff.config import Config, EOTConfig
-from dladiff.diffusion.attention import AttentionStore
 from dladiff.diffusion.finetune import LatentSet, encode_images
-from dladiff.diffusion.loading import SDComponents, encode_prompt
 from dladiff.diffusion.loss import NoiseDraw, draw_noise, latent_distribution, sample_latents
 from dladiff.eot import eot_transform
 from dladiff.runtime import frozen_dtype
+
+if TYPE_CHECKING:
+    from dladiff.diffusion.attention import AttentionStore
+    from dladiff.diffusion.loading import SDComponents
 
 
 @dataclass
@@ -59,8 +62,8 @@ class Layer1Models:
     device: torch.device
     precision: str
     eot: EOTConfig
-    static_store: AttentionStore = field(default_factory=lambda: AttentionStore(enabled=False))
-    dynamic_store: AttentionStore = field(default_factory=lambda: AttentionStore(enabled=False))
+    static_store: AttentionStore = field(default_factory=lambda: disabled_store())
+    dynamic_store: AttentionStore = field(default_factory=lambda: disabled_store())
 
     @property
     def latent_side(self) -> int:
@@ -98,6 +101,13 @@ class Layer1Models:
                 p.requires_grad_(True)
 
 
+def disabled_store() -> AttentionStore:
+    """An empty attention store that records nothing until :func:`capturing` opens it."""
+    from dladiff.diffusion.attention import AttentionStore
+
+    return AttentionStore(enabled=False)
+
+
 @contextlib.contextmanager
 def capturing(*stores: AttentionStore):
     """Record attention maps into ``stores`` inside the block, then drop them.
@@ -124,6 +134,8 @@ def load_models(x: torch.Tensor, components: SDComponents, static_unet, cfg: Con
     The text encoder goes back to the CPU once the prompt is encoded (frozen, states cached). θd is
     ``components.unet`` when ``use_pretrained``, else ``None``; θs never requires grad.
     """
+    from dladiff.diffusion.loading import encode_prompt
+
     vae_dtype = frozen_dtype(device, cfg.runtime.precision)
     vae = components.vae if components.vae.dtype == vae_dtype else components.vae.to(dtype=vae_dtype)
     text = encode_prompt(components, cfg.prompt.instance, device)

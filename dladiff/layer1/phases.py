@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from dladiff.config import Config
-from dladiff.diffusion.attention import AttentionStore
-from dladiff.layer1.models import Batch, Layer1Models
-from dladiff.layer1.stages import PGDLoss, StepSizeRule
-from dladiff.layer1.state import RunState
+
+if TYPE_CHECKING:
+    from dladiff.diffusion.attention import AttentionStore
+    from dladiff.layer1.models import Batch, Layer1Models
+    from dladiff.layer1.stages import PGDLoss, StepSizeRule
+    from dladiff.layer1.state import RunState
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type | None] = None
+    trains_surrogate: ClassVar[bool] = False  # whether epochs end with stage 3 (n3 AdamW steps of θd)
 
     def __init__(self, cfg: Config):
         self.cfg, self.l1 = cfg, cfg.layer1
@@ -97,7 +100,7 @@ class Method(abc.ABC):
     @property
     def train_steps(self) -> int:
         """n3 when the method trains θd and ``layer1.adft`` is on, else 0 (θd stays as loaded, no optimizer)."""
-        return 0
+        return self.l1.stage3_steps if self.trains_surrogate and self.l1.adft else 0
 
     def setup(self, models: Layer1Models, state: RunState, components) -> None:
         """Work once before the first epoch (attention capture, targets, a start for the text states)."""

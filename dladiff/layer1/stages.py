@@ -13,19 +13,20 @@ weight gradients that nothing uses.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import torch
 
 from dladiff.config import Config
-from dladiff.diffusion import attention, loss
-from dladiff.diffusion.attention import AttentionStore, install_capture
+from dladiff.diffusion import loss
 from dladiff.diffusion.finetune import DreamBoothTrainer, LatentSet
-from dladiff.diffusion.loading import token_positions
 from dladiff.layer1.models import Batch, Chunk, Layer1Models, capturing
 from dladiff.layer1.state import RunState
 from dladiff.pgd import pgd_update
 from dladiff.runtime import autocast
+
+if TYPE_CHECKING:
+    from dladiff.diffusion.attention import AttentionStore
 
 StepSize = Union[float, torch.Tensor]
 PGDLoss = Callable[[Layer1Models, RunState, Chunk], torch.Tensor]
@@ -34,6 +35,9 @@ StepSizeRule = Callable[[Layer1Models, RunState, Chunk], StepSize]
 
 def install_attention_capture(models: Layer1Models, tokenizer, cfg: Config) -> None:
     """Stage 1's capture: θs and θd record the maps at ``layer1.attention.resolutions`` into their stores."""
+    from dladiff.diffusion.attention import install_capture
+    from dladiff.diffusion.loading import token_positions
+
     att = cfg.layer1.attention
     tokens = token_positions(tokenizer, cfg.prompt.instance, cfg.prompt.trigger) if att.cross_tokens == "trigger" else None
     install_capture(models.static, models.static_store, att.resolutions, models.latent_side, tokens)
@@ -52,6 +56,8 @@ def _static_maps(models: Layer1Models, state: RunState, chunk: Chunk) -> None:
 def attention_loss(models: Layer1Models, state: RunState, chunk: Chunk, cross_weight: float = 1.0,
                    self_weight: float = 1.0) -> torch.Tensor:
     """Stage 1's L_attn (Eq. 8) of ``chunk``: θs's maps of x vs θd's maps of x + δ1 (differentiable in δ1)."""
+    from dladiff.diffusion import attention
+
     with capturing(models.static_store, models.dynamic_store), autocast(models.device, models.precision):
         _static_maps(models, state, chunk)
         latents = models.perturbed_latents(chunk, state.generator)

@@ -16,6 +16,9 @@ changed); :mod:`dladiff.methods.registry` finds them. Adding a method = one modu
 All share η (``layer1.epsilon``), α (``layer1.step_size``), E (``layer1.epochs``) and n1 + n2 PGD
 steps per epoch, so that the comparison is at equal budget (paper §5.1). :func:`run_method` has the
 contract of :func:`dladiff.layer1.run_layer1` for every registered method.
+
+Loading a config reads every method's settings, so method modules import torch and the engine inside
+their functions: a config loads without torch (``dladiff verify`` needs none).
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from dladiff.config import Config, config_to_dict
-from dladiff.diffusion.loading import SDComponents
-from dladiff.layer1 import ADFTProtector, Layer1Result, run_protector
 from dladiff.methods.registry import method_class, methods, register
-from dladiff.runtime import StopRequest
+
+if TYPE_CHECKING:
+    import torch
+
+    from dladiff.diffusion.loading import SDComponents
+    from dladiff.layer1 import Layer1Result
+    from dladiff.runtime import StopRequest
 
 __all__ = ["method_class", "method_fingerprint", "methods", "needs_static_surrogate", "register", "run_method",
            "uses_pretrained_unet"]
@@ -62,5 +68,7 @@ def run_method(name: str, x: torch.Tensor, components: SDComponents, static_unet
     go to ``run_dir/layer1.ckpt`` under a fingerprint that includes the method, so a checkpoint of one
     method never resumes another. ``static_unet`` may be ``None`` unless :func:`needs_static_surrogate`.
     """
+    from dladiff.layer1 import ADFTProtector, run_protector
+
     protector = ADFTProtector(x, components, static_unet, cfg, device, method_class(name)(cfg))
     return run_protector(protector, cfg, run_dir, method_fingerprint(fingerprint, name, cfg), resume, quiet, stop)

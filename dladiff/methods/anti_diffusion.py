@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from dladiff.diffusion.attention import AttentionStore, install_capture
-from dladiff.diffusion.finetune import LatentSet
-from dladiff.diffusion.loading import encode_prompt
-from dladiff.diffusion.loss import denoising_loss, sample_latents
-from dladiff.layer1.models import capturing
 from dladiff.layer1.phases import PGD, Method, Train, Work
-from dladiff.layer1.stages import denoising_loss as stage2_loss
-from dladiff.layer1.stages import perturbed_latent_set
 from dladiff.methods.registry import register
 from dladiff.methods.shared import mean_cross_maps
-from dladiff.runtime import autocast
+
+if TYPE_CHECKING:
+    import torch
+
+    from dladiff.diffusion.attention import AttentionStore
+    from dladiff.diffusion.finetune import LatentSet
 
 
 @dataclass(frozen=True)
@@ -68,19 +64,25 @@ class AntiDiffusion(Method):
 
     name = "anti-diffusion"
     Settings = AntiDiffusionSettings
-
-    @property
-    def train_steps(self) -> int:
-        return self.l1.stage3_steps if self.l1.adft else 0
+    trains_surrogate = True
 
     def setup(self, models, state, components) -> None:
+        from dladiff.diffusion.attention import install_capture
+        from dladiff.diffusion.loading import encode_prompt
+        from dladiff.layer1.models import disabled_store
+
         if self.settings.prompt_init == "empty":
             state.text = encode_prompt(components, "", models.device)
-        self.store = AttentionStore(enabled=False)
+        self.store = disabled_store()
         install_capture(models.dynamic, self.store, (min(self.l1.attention.resolutions),), models.latent_side)
 
     def _prompt_step(self, models, state, batch, embedding, optimizer, data: LatentSet) -> float:
         """One AdamW step of e on the mean denoising loss of all of ``data``; returns that loss."""
+        import torch
+
+        from dladiff.diffusion.loss import denoising_loss, sample_latents
+        from dladiff.runtime import autocast
+
         grad, total = torch.zeros_like(embedding), 0.0
         for idx in batch.chunks():
             draw = models.draw(len(idx), state.generator)
@@ -98,6 +100,8 @@ class AntiDiffusion(Method):
 
         θd's weights are frozen meanwhile: only e gets a gradient.
         """
+        import torch
+
         embedding = state.text.detach().clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([embedding], lr=self.settings.prompt_learning_rate)
         with models.dynamic_frozen():
@@ -108,11 +112,17 @@ class AntiDiffusion(Method):
 
     def sdl_loss(self, models, state, chunk) -> torch.Tensor:
         """L_denoise(x + δ; e) − w·SDL of ``chunk`` (differentiable in δ)."""
+        from dladiff.layer1.models import capturing
+        from dladiff.layer1.stages import denoising_loss as stage2_loss
+        from dladiff.runtime import autocast
+
         with capturing(self.store), autocast(models.device, models.precision):
             denoise = stage2_loss(models, state, chunk)
             return denoise - self.settings.attention_weight * semantic_disturbance(self.store, self.settings.attention_scale)
 
     def epoch(self, state):
+        from dladiff.layer1.stages import perturbed_latent_set
+
         tune = self.settings.prompt_steps > 0
         clean = [Work("prompt_clean", lambda m, s, b: self.tune_prompt(m, s, b, m.clean))] if tune and state.epoch == 0 else []
         again = [Work("prompt", lambda m, s, b: self.tune_prompt(m, s, b, perturbed_latent_set(m, s, b)))] if tune else []

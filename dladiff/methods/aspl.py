@@ -17,7 +17,6 @@ and without the prior-preservation term.
 from __future__ import annotations
 
 from dladiff.layer1.phases import PGD, Method, Train
-from dladiff.layer1.stages import denoising_loss
 from dladiff.methods.registry import register
 
 
@@ -26,10 +25,9 @@ class ASPL(Method):
     """n1 + n2 PGD steps on θd's denoising loss, then n3 steps of θd on x + δ."""
 
     name = "aspl"
-
-    @property
-    def train_steps(self) -> int:
-        return self.l1.stage3_steps if self.l1.adft else 0
+    trains_surrogate = True
 
     def epoch(self, state):
+        from dladiff.layer1.stages import denoising_loss
+
         return [PGD("denoise", denoising_loss, self.pgd_budget), Train(self.train_steps)]

@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from dladiff.diffusion.attention import AttentionStore, install_capture
-from dladiff.diffusion.loading import token_positions
-from dladiff.layer1.models import capturing
 from dladiff.layer1.phases import PGD, Method, Train
-from dladiff.layer1.stages import denoising_loss
 from dladiff.methods.registry import register
 from dladiff.methods.shared import mean_cross_maps
-from dladiff.runtime import autocast
+
+if TYPE_CHECKING:
+    import torch
+
+    from dladiff.diffusion.attention import AttentionStore
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,8 @@ def word_positions(tokenizer, prompt: str) -> list[int]:
 
 def erasure_energy(store: AttentionStore, words: list[int], trigger: list[int], sharpness: float) -> torch.Tensor:
     """L_CAE = mean over images of (1 − Σ P[:, trigger]² / Σ P²)², P = softmax over ``words`` of sharpness·Ā."""
+    import torch
+
     probs = torch.softmax(mean_cross_maps(store)[..., words] * sharpness, dim=-1)
     columns = [words.index(p) for p in trigger]
     share = probs[..., columns].pow(2).sum(dim=(1, 2)) / probs.pow(2).sum(dim=(1, 2))
@@ -64,6 +64,8 @@ def erasure_energy(store: AttentionStore, words: list[int], trigger: list[int], 
 
 def merit_step_sizes(timesteps: torch.Tensor, num_train_timesteps: int, step_size: float) -> torch.Tensor:
     """MSS: α·(1 + cos(π t / (T − 1)))/2 per image, shaped ``(B, 1, 1, 1)``."""
+    import torch
+
     t = timesteps.float() / (num_train_timesteps - 1)
     return (step_size * 0.5 * (1 + torch.cos(math.pi * t))).view(-1, 1, 1, 1)
 
@@ -74,20 +76,25 @@ class DisDiff(Method):
 
     name = "disdiff"
     Settings = DisDiffSettings
-
-    @property
-    def train_steps(self) -> int:
-        return self.l1.stage3_steps if self.l1.adft else 0
+    trains_surrogate = True
 
     def setup(self, models, state, components) -> None:
+        from dladiff.diffusion.attention import install_capture
+        from dladiff.diffusion.loading import token_positions
+        from dladiff.layer1.models import disabled_store
+
         prompt = self.cfg.prompt
         self.words = word_positions(components.tokenizer, prompt.instance)
         self.trigger = token_positions(components.tokenizer, prompt.instance, prompt.trigger)
-        self.store = AttentionStore(enabled=False)
+        self.store = disabled_store()
         install_capture(models.dynamic, self.store, (min(self.l1.attention.resolutions),), models.latent_side)
 
     def cae_loss(self, models, state, chunk) -> torch.Tensor:
         """L_denoise(x + δ) + w·L_CAE of ``chunk`` (differentiable in δ)."""
+        from dladiff.layer1.models import capturing
+        from dladiff.layer1.stages import denoising_loss
+        from dladiff.runtime import autocast
+
         settings = self.settings
         with capturing(self.store), autocast(models.device, models.precision):
             denoise = denoising_loss(models, state, chunk)

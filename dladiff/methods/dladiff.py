@@ -22,7 +22,6 @@ from functools import partial
 
 from dladiff.config import Config
 from dladiff.layer1.phases import PGD, Method, Train
-from dladiff.layer1.stages import attention_loss, denoising_loss, install_attention_capture
 from dladiff.methods.registry import register
 
 
@@ -31,6 +30,7 @@ class DLADiff(Method):
     """Stage 1 (L_attn) and stage 2 (L_denoise) PGD, then stage 3 training of θd (Eq. 9)."""
 
     name = "dladiff"
+    trains_surrogate = True
 
     @classmethod
     def needs_static_surrogate(cls, cfg: Config) -> bool:
@@ -42,16 +42,16 @@ class DLADiff(Method):
         n1 = self.l1.stage1_steps if self.l1.dsur else 0
         return n1, self.pgd_budget - n1
 
-    @property
-    def train_steps(self) -> int:
-        return self.l1.stage3_steps if self.l1.adft else 0
-
     def setup(self, models, state, components) -> None:
+        from dladiff.layer1.stages import install_attention_capture
+
         self.stores = (models.static_store, models.dynamic_store)
         if self.needs_static_surrogate(self.cfg):
             install_attention_capture(models, components.tokenizer, self.cfg)
 
     def epoch(self, state):
+        from dladiff.layer1.stages import attention_loss, denoising_loss
+
         att, (n1, n2) = self.l1.attention, self.pgd_steps
         return [
             PGD("attn", partial(attention_loss, cross_weight=att.cross_weight, self_weight=att.self_weight), n1,

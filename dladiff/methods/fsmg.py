@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dladiff.config import Config
 from dladiff.layer1.phases import PGD, Method
-from dladiff.layer1.stages import denoising_loss
 from dladiff.methods.registry import register
 
 
 def static_denoising_loss(models, state, chunk):
     """The denoising loss of the static surrogate θs on x + δ of ``chunk``."""
+    from dladiff.layer1.stages import denoising_loss
+
     return denoising_loss(models, state, chunk, unet=models.static)
 
 

@@ -25,14 +25,13 @@ in [-1, 1]; z ``(N, 4, R/8, R/8)``. The UNet is the pretrained one (θd of the e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-
-from dladiff.diffusion import loss
 from dladiff.layer1.phases import PGD, Method
 from dladiff.methods.registry import register
-from dladiff.runtime import autocast
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,8 @@ class MistSettings:
 
 def target_pattern(resolution: int, period: int) -> torch.Tensor:
     """Checkerboard ``(1, 3, R, R)`` in {−1, 1} with squares of side ``period // 2`` pixels."""
+    import torch
+
     half = max(1, period // 2)
     cells = torch.arange(resolution) // half
     board = (cells[:, None] + cells[None, :]) % 2
@@ -68,6 +69,11 @@ class MIST(Method):
 
     def fused_loss(self, models, state, chunk) -> torch.Tensor:
         """w_sem·L_denoise − w_tex·mean‖z(x+δ) − z(y)‖² of ``chunk`` (differentiable in δ)."""
+        import torch.nn.functional as F
+
+        from dladiff.diffusion import loss
+        from dladiff.runtime import autocast
+
         with autocast(models.device, models.precision):
             latents = models.perturbed_latents(chunk, state.generator)
             semantic = loss.denoising_loss(models.dynamic, models.scheduler, latents, state.text, chunk.draw)

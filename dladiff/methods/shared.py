@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from dladiff.diffusion.attention import AttentionStore
+if TYPE_CHECKING:
+    import torch
+
+    from dladiff.diffusion.attention import AttentionStore
 
 
 def mean_cross_maps(store: AttentionStore) -> torch.Tensor:
     """Cross-attention maps averaged over captured layers and heads: ``(B, Q, K)`` (one resolution)."""
+    import torch
+
     maps = [m.float().mean(dim=1) for m in store.cross.values()]
     if not maps:
         raise ValueError("no cross-attention map was captured")
