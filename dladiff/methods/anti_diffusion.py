@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 
 from dladiff.layer1.phases import PGD, Method, Train, Work
 from dladiff.methods.registry import register
-from dladiff.methods.shared import mean_cross_maps
+from dladiff.methods.shared import capture_coarsest_maps, mean_cross_maps
 
 if TYPE_CHECKING:
     import torch
@@ -67,14 +67,11 @@ class AntiDiffusion(Method):
     trains_surrogate = True
 
     def setup(self, models, state, components) -> None:
-        from dladiff.diffusion.attention import install_capture
         from dladiff.diffusion.loading import encode_prompt
-        from dladiff.layer1.models import disabled_store
 
         if self.settings.prompt_init == "empty":
             state.text = encode_prompt(components, "", models.device)
-        self.store = disabled_store()
-        install_capture(models.dynamic, self.store, (min(self.l1.attention.resolutions),), models.latent_side)
+        self.store = capture_coarsest_maps(models, self.l1.attention.resolutions)
 
     def _prompt_step(self, models, state, batch, embedding, optimizer, data: LatentSet) -> float:
         """One AdamW step of e on the mean denoising loss of all of ``data``; returns that loss."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 
 from dladiff.layer1.phases import PGD, Method, Train
 from dladiff.methods.registry import register
-from dladiff.methods.shared import mean_cross_maps
+from dladiff.methods.shared import capture_coarsest_maps, mean_cross_maps
 
 if TYPE_CHECKING:
     import torch
@@ -79,15 +79,12 @@ class DisDiff(Method):
     trains_surrogate = True
 
     def setup(self, models, state, components) -> None:
-        from dladiff.diffusion.attention import install_capture
         from dladiff.diffusion.loading import token_positions
-        from dladiff.layer1.models import disabled_store
 
         prompt = self.cfg.prompt
         self.words = word_positions(components.tokenizer, prompt.instance)
         self.trigger = token_positions(components.tokenizer, prompt.instance, prompt.trigger)
-        self.store = disabled_store()
-        install_capture(models.dynamic, self.store, (min(self.l1.attention.resolutions),), models.latent_side)
+        self.store = capture_coarsest_maps(models, self.l1.attention.resolutions)
 
     def cae_loss(self, models, state, chunk) -> torch.Tensor:
         """L_denoise(x + δ) + w·L_CAE of ``chunk`` (differentiable in δ)."""
