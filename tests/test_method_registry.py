@@ -80,8 +80,12 @@ def test_unknown_method_names_and_keys_are_clear_errors(tmp_path):
         load_config(path)
 
 
-def test_builtin_methods_are_registered_in_order():
+def test_builtin_methods_are_listed_in_order_whichever_module_is_imported_first():
     assert list(methods())[:6] == ["dladiff", "aspl", "fsmg", "mist", "anti-diffusion", "disdiff"]
+    code = ("import dladiff.methods.disdiff; from dladiff.methods.registry import methods, settings_classes; "
+            "print(*methods(), *settings_classes())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["dladiff", "aspl", "fsmg", "mist", "anti-diffusion", "disdiff", "mist", "anti_diffusion", "disdiff"]
 
 
 def test_loading_a_config_imports_neither_torch_nor_diffusers():

@@ -38,13 +38,16 @@ def unregister(name: str) -> None:
 
 
 def methods() -> dict[str, type[Method]]:
-    """Every registered method by name, the built-in ones first."""
+    """Every registered method by name: the built-in ones in :data:`BUILTIN_MODULES` order, then the others."""
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
         for module in BUILTIN_MODULES:
             importlib.import_module(f"dladiff.methods.{module}")
-    return dict(_METHODS)
+    builtin = [f"dladiff.methods.{module}" for module in BUILTIN_MODULES]
+    rank = {name: builtin.index(cls.__module__) if cls.__module__ in builtin else len(builtin)
+            for name, cls in _METHODS.items()}
+    return {name: _METHODS[name] for name in sorted(_METHODS, key=rank.__getitem__)}
 
 
 def method_class(name: str) -> type[Method]:
