@@ -2,7 +2,7 @@
 """What layer 2's perturbation looks like, and what it still protects, per budget; prints JSON.
 
     python scripts/bench_quality.py [--config default] [--set layer2.steps=50 ...] [--only t1,astronaut]
-        [--mobileface PATH] [--threads 1]
+        [--photos DIR ...] [--mobileface PATH] [--threads 1]
 
 Photos: insightface's ``t1.jpg`` (6 people) and scikit-image's astronaut, from the installed
 packages; layer 2 alone (``--layers 2`` semantics: the clean photo is layer 2's input). Each photo
@@ -46,13 +46,20 @@ SETTINGS = {"uniform": {"face_mask": False, "perceptual": False},
             "face_mask+perceptual": {"face_mask": True, "perceptual": True}}
 
 
-def real_photos() -> dict[str, np.ndarray]:
-    """insightface's t1.jpg and scikit-image's astronaut, RGB uint8, from the installed packages."""
+def real_photos(extra: list[Path]) -> dict[str, np.ndarray]:
+    """insightface's t1.jpg and scikit-image's astronaut (installed packages), then ``extra`` photos, RGB uint8.
+
+    ``extra``: files, or folders whose ``*.jpg`` / ``*.png`` are taken, named by their stem.
+    """
     import insightface
     from skimage import data
 
     t1 = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    return {"t1": np.asarray(Image.open(t1).convert("RGB")), "astronaut": data.astronaut()}
+    photos = {"t1": np.asarray(Image.open(t1).convert("RGB")), "astronaut": data.astronaut()}
+    for path in extra:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".png")) if path.is_dir() else [path]
+        photos.update({f.stem: np.asarray(Image.open(f).convert("RGB")) for f in files})
+    return photos
 
 
 def quality(clean: np.ndarray, protected: np.ndarray, region: np.ndarray, texture: np.ndarray, budget) -> dict:
@@ -139,6 +146,8 @@ def main() -> None:
     parser.add_argument("--config", default="default")
     parser.add_argument("--set", action="append", default=[], help="override, e.g. layer2.steps=50")
     parser.add_argument("--only", help="comma-separated photo names to keep")
+    parser.add_argument("--photos", type=Path, action="append", default=[],
+                        help="more photos: a file, or a folder of .jpg/.png (repeatable)")
     parser.add_argument("--settings", help="comma-separated settings to run (default: all three)")
     parser.add_argument("--mobileface", type=Path, help="mobileface.onnx: a leave-one-out judge (never in the loop)")
     parser.add_argument("--margins", help="comma-separated hull margins (eye gaps): only measure the encoders' "
@@ -162,7 +171,7 @@ def main() -> None:
     cfg = with_overrides(cfg, **overrides) if overrides else cfg
     models = prepare_layer2(cfg.layer2)
     extra = {"mobileface": OnnxJudge("mobileface", args.mobileface, MOBILEFACE_THRESHOLD)} if args.mobileface else {}
-    photos = real_photos()
+    photos = real_photos(args.photos)
     if args.only:
         photos = {k: v for k, v in photos.items() if k in args.only.split(",")}
     chosen = args.settings.split(",") if args.settings else list(SETTINGS)
