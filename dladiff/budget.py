@@ -6,14 +6,15 @@ map ``b(p) ≤ η`` (``budget`` section of the config):
 * **Face region** (layer 2): the convex hull of the face's landmarks, grown by ``margin`` eye gaps
   (the distance between the eye centres), with its inner edge feathered over ``feather`` pixels:
   ``w(p) = min(1, d_in(p) / feather)``, ``d_in`` the Euclidean distance from ``p`` to the nearest
-  pixel outside the grown hull. Outside the grown hull ``w = 0`` (no pixel changes); the ring of
-  pixels next to it has ``w ≤ √2 / feather``, so δ steps by at most ``η·√2/feather`` there.
+  pixel outside the grown hull. Outside the grown hull ``w = 0`` (no pixel changes); a pixel whose
+  4-neighbour lies outside has ``w ≤ 1/feather``, so δ steps by at most ``η/feather`` across the edge
+  (2/255 at η = 8/255, ``feather: 4``) and by ``η·√2/feather`` between neighbours inside the ring.
   Landmarks: dlib's 68-point shape predictor fitted in the detector's face box (``hull: dlib68``),
   or the five detector points expanded to a face outline (``hull: five``, :func:`five_point_outline`).
 * **Perceptual budget** (texture masking): a change is harder to see where the photo is textured.
   With ``s(p)`` the standard deviation of the luminance (0-255) in a ``window``² box around ``p``,
   ``t(p) = floor + (η − floor) · clip((s − flat_std) / (full_std − flat_std), 0, 1)``: the floor
-  where ``s ≤ flat_std`` (a flat sky, a wall), the full η where ``s ≥ full_std`` (hair, fabric).
+  where ``s ≤ flat_std`` (a flat sky, a wall, smooth skin), the full η where ``s ≥ full_std``.
 
 Layer 2 scales its face perturbation by ``w·t / η`` (so the bound holds by construction and PGD sees
 the scaled perturbation); layer 1 clips δ1, brought back to the photo's grid, to ``t``.

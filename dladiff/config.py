@@ -169,14 +169,14 @@ class EOTConfig:
 class BudgetConfig:
     """Where and how much δ may change the photo (:mod:`dladiff.budget`); both off = the paper's uniform η."""
 
-    face_mask: bool = False  # layer 2: δ2 only inside the grown landmark hull of each face, feathered
+    face_mask: bool = True  # layer 2: δ2 only inside the grown landmark hull of each face, feathered
     hull: Literal["dlib68", "five"] = "dlib68"  # dlib68: dlib's 68 points with the 5-point outline; five: the 5-point outline alone
     margin: float = 0.15  # eye gaps (distance between the eye centres) the hull is grown by
     feather: float = 4.0  # pixels over which δ2 fades to 0 at the hull's edge
     perceptual: bool = False  # both layers: per-pixel bound from local texture, floor on flat areas up to η
     floor: float = 0.008  # [-1,1] units, the bound where the photo is flat (≈ 1.02/255 → 1/255 after rounding)
     flat_std: float = 2.0  # 0-255 luminance std in the window at or below which the floor applies
-    full_std: float = 12.0  # 0-255 luminance std at or above which the full η applies
+    full_std: float = 3.0  # 0-255 luminance std at or above which the full η applies
     window: int = 7  # pixels, side of the box the local std is measured in
 
 

@@ -2,7 +2,7 @@
 """What layer 2's perturbation looks like, and what it still protects, per budget; prints JSON.
 
     python scripts/bench_quality.py [--config default] [--set layer2.steps=50 ...] [--only t1,astronaut]
-        [--mobileface PATH] [--threads 1]
+        [--photos DIR ...] [--mobileface PATH] [--threads 1]
 
 Photos: insightface's ``t1.jpg`` (6 people) and scikit-image's astronaut, from the installed
 packages; layer 2 alone (``--layers 2`` semantics: the clean photo is layer 2's input). Each photo
@@ -17,8 +17,8 @@ Per photo and setting: PSNR (dB) and SSIM (scikit-image, RGB, data range 255); t
 config's grown face hull (:func:`dladiff.budget.layer2_bound`, the same pixels for the three
 settings): the share of changed pixels that lie outside it; the largest |δ| step (0-255) between
 4-neighbours across its edge, and anywhere; mean |δ| (0-255, over channels) on the hull's flat
-pixels (local luminance std ≤ ``budget.flat_std``, 2.0 by default, in a ``budget.window``² box) and
-its textured ones (std ≥ ``budget.full_std``); and the identity verdicts: white-box = the native
+pixels (local luminance std ≤ ``--flat-std``, 2.0, in a ``--texture-window``² box, 7 px: fixed, so
+that every budget rule is judged on the same pixels) and its textured ones (std ≥ ``--textured-std``, 12); and the identity verdicts: white-box = the native
 pipelines of the in-loop encoders (dlib's C++ pipeline, OpenCV's SFace), leave-one-out = mobileface
 through YuNet + alignCrop + onnxruntime (``--mobileface PATH``, never in the loop; cosine < 0.35
 = another person), on the saved pixels and after JPEG 75.
@@ -46,17 +46,28 @@ SETTINGS = {"uniform": {"face_mask": False, "perceptual": False},
             "face_mask+perceptual": {"face_mask": True, "perceptual": True}}
 
 
-def real_photos() -> dict[str, np.ndarray]:
-    """insightface's t1.jpg and scikit-image's astronaut, RGB uint8, from the installed packages."""
+def real_photos(extra: list[Path]) -> dict[str, np.ndarray]:
+    """insightface's t1.jpg and scikit-image's astronaut (installed packages), then ``extra`` photos, RGB uint8.
+
+    ``extra``: files, or folders whose ``*.jpg`` / ``*.png`` are taken, named by their stem.
+    """
     import insightface
     from skimage import data
 
     t1 = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    return {"t1": np.asarray(Image.open(t1).convert("RGB")), "astronaut": data.astronaut()}
+    photos = {"t1": np.asarray(Image.open(t1).convert("RGB")), "astronaut": data.astronaut()}
+    for path in extra:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".png")) if path.is_dir() else [path]
+        photos.update({f.stem: np.asarray(Image.open(f).convert("RGB")) for f in files})
+    return photos
 
 
-def quality(clean: np.ndarray, protected: np.ndarray, region: np.ndarray, texture: np.ndarray, budget) -> dict:
-    """PSNR, SSIM and where δ is, against the hull ``region (H, W)`` bool and the local std ``texture (H, W)``."""
+def quality(clean: np.ndarray, protected: np.ndarray, region: np.ndarray, texture: np.ndarray,
+            flat_std: float, textured_std: float) -> dict:
+    """PSNR, SSIM and where δ is, against the hull ``region (H, W)`` bool and the local std ``texture (H, W)``.
+
+    Flat: hull pixels with ``texture ≤ flat_std``; textured: ``texture ≥ textured_std`` (0-255 luminance std).
+    """
     from skimage.metrics import structural_similarity
 
     from dladiff.budget import edge_step
@@ -65,7 +76,7 @@ def quality(clean: np.ndarray, protected: np.ndarray, region: np.ndarray, textur
     delta = protected.astype(np.int16) - clean.astype(np.int16)
     size = np.abs(delta).mean(axis=2)
     changed = np.abs(delta).max(axis=2) > 0
-    flat, textured = region & (texture <= budget.flat_std), region & (texture >= budget.full_std)
+    flat, textured = region & (texture <= flat_std), region & (texture >= textured_std)
     steps = [np.abs(np.diff(delta, axis=a)).max() for a in (0, 1)]
     return {"psnr_db": round(psnr(protected, clean), 2),
             "ssim": round(float(structural_similarity(clean, protected, channel_axis=2, data_range=255)), 5),
@@ -139,10 +150,16 @@ def main() -> None:
     parser.add_argument("--config", default="default")
     parser.add_argument("--set", action="append", default=[], help="override, e.g. layer2.steps=50")
     parser.add_argument("--only", help="comma-separated photo names to keep")
+    parser.add_argument("--photos", type=Path, action="append", default=[],
+                        help="more photos: a file, or a folder of .jpg/.png (repeatable)")
     parser.add_argument("--settings", help="comma-separated settings to run (default: all three)")
     parser.add_argument("--mobileface", type=Path, help="mobileface.onnx: a leave-one-out judge (never in the loop)")
     parser.add_argument("--margins", help="comma-separated hull margins (eye gaps): only measure the encoders' "
                         "gradient mass inside the grown hull for each, no protection run")
+    parser.add_argument("--flat-std", type=float, default=2.0, help="0-255 luminance std at or below which a "
+                        "hull pixel counts as flat (fixed, whatever the budget rule measured)")
+    parser.add_argument("--textured-std", type=float, default=12.0, help="0-255 std at or above which it is textured")
+    parser.add_argument("--texture-window", type=int, default=7, help="pixels, side of the box the std is read in")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
 
@@ -162,7 +179,7 @@ def main() -> None:
     cfg = with_overrides(cfg, **overrides) if overrides else cfg
     models = prepare_layer2(cfg.layer2)
     extra = {"mobileface": OnnxJudge("mobileface", args.mobileface, MOBILEFACE_THRESHOLD)} if args.mobileface else {}
-    photos = real_photos()
+    photos = real_photos(args.photos)
     if args.only:
         photos = {k: v for k, v in photos.items() if k in args.only.split(",")}
     chosen = args.settings.split(",") if args.settings else list(SETTINGS)
@@ -176,7 +193,7 @@ def main() -> None:
         hull_budget = dataclasses.replace(cfg.budget, face_mask=True, perceptual=False)
         bound, _ = layer2_bound(clean, faces, cfg.layer2.epsilon, hull_budget)
         region = bound > 0 if bound is not None else np.zeros(clean.shape[:2], bool)
-        texture = local_std(luminance(clean), cfg.budget.window)
+        texture = local_std(luminance(clean), args.texture_window)
         for setting in chosen:
             budget = dataclasses.replace(cfg.budget, **SETTINGS[setting])
             start = time.perf_counter()
@@ -187,11 +204,12 @@ def main() -> None:
                 for entry, more in zip(verdicts, native_verdicts(clean, protected, extra, [f["bbox"] for f in reports])):
                     entry.update(more)
             rows.append({"photo": name, "setting": setting, "faces": len(reports), "seconds": round(seconds, 1),
-                         **quality(clean, protected, region, texture, cfg.budget),
+                         **quality(clean, protected, region, texture, args.flat_std, args.textured_std),
                          "identity": identity([{"native": v} for v in verdicts]),
                          "steps": [f["steps"] for f in reports], "bound_scale": [f["bound_scale"] for f in reports]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    result = {"budget": dataclasses.asdict(cfg.budget), "layer2_epsilon_255": cfg.layer2.epsilon * 127.5,
+    result = {"budget": dataclasses.asdict(cfg.budget),
+              "flat": {"std_at_most": args.flat_std, "textured_std_at_least": args.textured_std, "window": args.texture_window}, "layer2_epsilon_255": cfg.layer2.epsilon * 127.5,
               "encoders": models.weights, "white_box_judges": list(models.judges), "leave_one_out_judges": list(extra),
               "torch_threads": torch.get_num_threads(), "photos": rows}
     json.dump(result, sys.stdout, indent=1, default=str)

@@ -38,8 +38,8 @@ def test_texture_budget_goes_from_floor_on_flat_to_epsilon_on_texture():
 
 
 def test_texture_budget_rows_equal_the_whole_photo(real_photos):
-    photo = real_photos["astronaut"]
-    whole = texture_budget(photo, 6.4, 1.0, 2.0, 12.0, 7)
+    photo, budget = real_photos["astronaut"], BudgetConfig()
+    whole = texture_budget(photo, 6.4, 1.0, budget.flat_std, budget.full_std, budget.window)
     for top, bottom in [(0, 5), (100, 164), (500, 512)]:
         assert np.allclose(texture_budget_rows(photo, top, bottom, 6.4, 1.0, BudgetConfig()), whole[top:bottom], atol=1e-4)
 
@@ -77,8 +77,9 @@ def test_edge_step_sees_only_pairs_across_the_edge():
 
 
 def test_budget_config_is_validated(tmp_path):
-    assert load_config().budget == BudgetConfig() and not BudgetConfig().face_mask and not BudgetConfig().perceptual
-    assert load_config("layer2_paper").budget.face_mask is False
+    assert load_config().budget == BudgetConfig() and BudgetConfig().face_mask and not BudgetConfig().perceptual
+    paper = load_config("layer2_paper").budget
+    assert paper.face_mask is False and paper.perceptual is False
     with pytest.raises(ConfigError, match="budget.window"):
         with_overrides(load_config(), budget={"window": 4})
     with pytest.raises(ConfigError, match="budget.flat_std"):
@@ -94,7 +95,9 @@ def test_layer1_is_clipped_to_the_texture_bound_on_the_photo_grid(real_photos):
     assert np.array_equal(apply_perturbation(photo, delta, 0.05 * 127.5, BudgetConfig(perceptual=False)) - photo.astype(int),
                           uniform)
     shaped = apply_perturbation(photo, delta, 0.05 * 127.5, BudgetConfig(perceptual=True)).astype(int) - photo
-    limit = np.floor(texture_budget(photo, 6.375, 0.008 * 127.5, 2.0, 12.0, 7) + 1e-6)[..., None]
+    budget = BudgetConfig()
+    limit = np.floor(texture_budget(photo, 6.375, budget.floor * 127.5, budget.flat_std, budget.full_std, budget.window)
+                     + 1e-6)[..., None]
     assert (np.abs(shaped) <= limit).all() and np.abs(shaped).max() == 6
     flat = local_std(luminance(photo), 7) <= 2.0
     assert np.abs(uniform)[flat].mean() > 4 and np.abs(shaped)[flat].mean() <= 1.0
@@ -164,3 +167,26 @@ def test_preview_outlines_the_region_on_the_difference_panel(protected_astronaut
     changed = (plain != outlined).any(axis=2)
     third = plain.shape[1] // 3
     assert changed[:, 2 * third:].sum() > 100 and changed[:, :2 * third].sum() == 0
+
+
+def test_defaults_mask_layer2_to_the_face_and_the_preview_shows_it(real_photos):
+    """At the default settings each face's report carries its grown hull and the preview outlines it on the
+    difference panel; the paper's config (uniform η over the warped-back crop) has no region."""
+    from dladiff.layer2 import prepare_layer2, protect_image
+
+    quick = {"steps": 2, "encoders": {"sface": 1.0}, "landmark_sources": [], "native_verdicts": False, "detect_retries": 0}
+    clean = real_photos["astronaut"]
+    runs = {}
+    for name in ("default", "layer2_paper"):
+        cfg = with_overrides(load_config(name), layer2=quick)
+        runs[name] = protect_image(clean, clean, prepare_layer2(cfg.layer2), cfg.layer2, 0, None, cfg.budget)
+    out, faces = runs["default"]
+    assert len(faces) == 1 and len(faces[0]["region"]) >= 3
+    without = [{k: v for k, v in face.items() if k != "region"} for face in faces]
+    changed = (preview_image(clean, out, faces, max_height=512) != preview_image(clean, out, without, max_height=512)).any(axis=2)
+    third = changed.shape[1] // 3
+    assert changed[:, 2 * third:].sum() > 100 and changed[:, :2 * third].sum() == 0
+    paper_out, paper_faces = runs["layer2_paper"]
+    assert "region" not in paper_faces[0]
+    moved = [(np.abs(o.astype(int) - clean).max(axis=2) > 0).sum() for o in (out, paper_out)]
+    assert moved[0] < moved[1]  # the grown hull is smaller than the warped-back crop
