@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from dladiff.config import load_config, with_overrides
+from dladiff.data import to_tensor
 from dladiff.faces.align import warp_to_crop
 from dladiff.faces.detect import YuNetDetector
 from dladiff.faces.dlib_resnet import dlib_model_path
 from dladiff.faces.landmarks import DlibSource, chip_matrix, make_sources, nearest
-from dladiff.layer2 import build_problem, prepare_layer2, to_unit
+from dladiff.layer2 import prepare_layer2
+from dladiff.layer2.problem import build_problem
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,9 @@ def test_each_source_adds_an_alignment_per_encoder_and_dlib_gets_its_own_chip(as
     models = prepare_layer2(cfg)
     assert [source.name for source in models.sources] == ["dlib68", "dlib5"]  # yunet is the detector already
     face = models.detector.detect(astronaut)[0]
-    x = to_unit(astronaut)
+    x = to_tensor(astronaut)
     source_faces = {source.name: source.faces(astronaut) for source in models.sources}
-    problem = build_problem(face, face, x, x, models, cfg, source_faces)
+    problem = build_problem(face, face, x, x, models.encoders, cfg, source_faces)
     assert len(problem.alignments["dlib"]) == 3
     x0, y0 = problem.box[:2]
     chip = nearest(face, source_faces["dlib68"]).chip
