@@ -31,16 +31,18 @@ class Layer2Models:
     weights: dict[str, float]
     judges: dict[str, Judge] = dataclasses.field(default_factory=dict)  # native pipelines of the encoders that have one
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))  # wall time per phase
+    cpu_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))  # process CPU time per phase
     sources: list = dataclasses.field(default_factory=list)  # extra landmark sources (alignment diversity)
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Add the wall time of the block to ``seconds[name]`` (detection, alignment, pgd, inverse_warp, retries, verdicts)."""
-        start = time.perf_counter()
+        """Add the block's wall and CPU time to ``seconds[name]``, ``cpu_seconds[name]`` (detection, alignment, pgd, ...)."""
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - start
+            self.cpu_seconds[name] += time.process_time() - cpu
 
 
 def prepare_layer2(cfg: Layer2Config) -> Layer2Models:
