@@ -221,3 +221,36 @@ def test_compose_projects_overlaps_and_quantize_keeps_the_bound(tiny_face):
     out = quantize(base, np.full((4, 4, 3), 7.9), 6.4)
     assert out.max() == 255 and (out.astype(int) - 250).max() == 5  # clipped to 0..255 and floor(6.4) = 6
     assert (quantize(base, np.full((4, 4, 3), -7.9), 6.4).astype(int) - 250).min() == -6
+
+
+def test_an_encoder_past_its_hinge_gets_no_backward(tiny_face):
+    """Normalized + hinge: an encoder whose every sample is past threshold by the margin adds a zero term and no backward."""
+    problem, models, cfg = paper_problem(tiny_face, weighting="normalized", hinge_margin=0.3, jitter_translation=0.0,
+                                         jitter_rotation=0.0, jitter_scale=0.0)
+    problem = dataclasses.replace(problem, clean_embeddings={**problem.clean_embeddings,
+                                                             "b": -problem.clean_embeddings["b"]})  # cosine −1: far past
+    warp = PatchWarp(problem, 32, False)
+    objective = identity_objective(problem, warp, models, cfg, np.random.default_rng(0))
+    backward_calls = []
+    encoder_b = models.encoders["b"]
+    original = encoder_b.forward
+
+    def counted(crops):
+        out = original(crops)
+        if out.requires_grad:
+            out.register_hook(lambda grad: backward_calls.append(1))
+        return out
+
+    encoder_b.forward = counted
+    try:
+        delta = torch.zeros_like(warp.reference).requires_grad_(True)
+        evaluation = objective(delta + 0.01 * torch.randn(delta.shape, generator=torch.Generator().manual_seed(0)))
+        (grad,) = torch.autograd.grad(evaluation.loss, delta)
+    finally:
+        encoder_b.forward = original
+    assert backward_calls == [] and grad.abs().sum() > 0  # encoder a still pulls
+    ensemble = objective.ensemble
+    a, clean = torch.randn(3, 16), torch.randn(16)
+    assert ensemble.saturated(-clean.expand(3, 16), clean, 0.3, "cosine")
+    assert not ensemble.saturated(clean.expand(3, 16) + 0.01 * a, clean, 0.3, "cosine")
+    assert not dataclasses.replace(ensemble, weighting="fixed").saturated(-clean.expand(3, 16), clean, 0.3, "cosine")

@@ -115,17 +115,22 @@ class IdentityObjective:
     def encoder_loss(self, name: str, encoder: IdentityEncoder, perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(term, loss) of one encoder: its weighted-ensemble term (mean over samples), plus λ_f · feature cosine."""
         crops, reference = self.crops(perturbed, self.sampler(name, encoder.crop_size), encoder.crop_size)
-        clean = self.problem.clean_embeddings[name]
         if self.features is None:
-            term = self.ensemble.score(encoder(crops), clean, encoder.threshold, encoder.threshold_kind).mean()
+            term = self.term(name, encoder, encoder(crops))
             return term, term
         with FeatureTap(encoder, self.features.depths) as tap:
             with torch.no_grad():
                 encoder(reference)
                 reference_features = tap.collect()
-            term = self.ensemble.score(encoder(crops), clean, encoder.threshold, encoder.threshold_kind).mean()
+            term = self.term(name, encoder, encoder(crops))
             similarity = feature_similarity(tap.collect(), reference_features)
         return term, term + self.features.weight * similarity
+
+    def term(self, name: str, encoder: IdentityEncoder, embeddings: torch.Tensor) -> torch.Tensor:
+        """The encoder's ensemble term (mean over samples); detached when its hinge is shut (zero gradient, no backward)."""
+        clean, threshold, kind = self.problem.clean_embeddings[name], encoder.threshold, encoder.threshold_kind
+        term = self.ensemble.score(embeddings, clean, threshold, kind).mean()
+        return term.detach() if self.ensemble.saturated(embeddings, clean, threshold, kind) else term
 
     def __call__(self, delta: torch.Tensor) -> Evaluation:
         perturbed = self.warp(delta)
