@@ -90,6 +90,32 @@ def render(x1_pixels: np.ndarray, problems: list[FaceProblem], runs: list[FaceRu
     return quantize(x1_pixels, from_unit(x1 + delta) - x1_pixels.astype(np.float64), bound_255)
 
 
+def attack_until_detected(x1_pixels: np.ndarray, clean_pixels: np.ndarray, clean_faces: list[Face],
+                          problems: list[FaceProblem], bound: np.ndarray | None, models: Layer2Models, cfg: Layer2Config,
+                          rng: np.random.Generator, eot: EOTConfig | None):
+    """PGD on every face, then again with the bound × ``detect_backoff`` on each face a detector lost (at most
+    ``detect_retries`` times). Returns (photo, runs, bound scales, judges' faces on the clean photo and on the
+    photo, layer 2's detector's faces on the photo)."""
+    with models.phase("pgd"):
+        runs = [attack_face(problem, models, cfg, 1.0, rng, eot) for problem in problems]
+    with models.phase("verdicts"):
+        clean_seen = judge_all(models.judges, clean_pixels)
+    scales = [1.0] * len(problems)
+    for attempt in range(cfg.detect_retries + 1):
+        with models.phase("inverse_warp"):
+            out = render(x1_pixels, problems, runs, cfg, bound)
+        lost, seen, found = lost_faces(out, clean_faces, clean_seen, models)
+        if not lost or attempt == cfg.detect_retries:
+            break
+        with models.phase("retries"):
+            for i in lost:
+                scales[i] *= cfg.detect_backoff
+                runs[i] = attack_face(problems[i], models, cfg, scales[i], rng, eot)
+    if lost:
+        log.warning("%d face(s) no longer detected after %d retries", len(lost), cfg.detect_retries)
+    return out, runs, scales, clean_seen, seen, found
+
+
 def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer2Models, cfg: Layer2Config,
                   seed: int, eot: EOTConfig | None = None,
                   budget: BudgetConfig | None = None) -> tuple[np.ndarray, list[dict]]:
@@ -117,23 +143,8 @@ def protect_image(x1_pixels: np.ndarray, clean_pixels: np.ndarray, models: Layer
     rng = np.random.default_rng(seed)
     with models.phase("alignment"):
         problems, bound, regions = face_problems(x1_pixels, clean_pixels, clean_faces, protected_faces, models, cfg, budget)
-    with models.phase("pgd"):
-        runs = [attack_face(problem, models, cfg, 1.0, rng, eot) for problem in problems]
-    with models.phase("verdicts"):
-        clean_seen = judge_all(models.judges, clean_pixels)
-    scales = [1.0] * len(problems)
-    for attempt in range(cfg.detect_retries + 1):
-        with models.phase("inverse_warp"):
-            out = render(x1_pixels, problems, runs, cfg, bound)
-        lost, seen, found = lost_faces(out, clean_faces, clean_seen, models)
-        if not lost or attempt == cfg.detect_retries:
-            break
-        with models.phase("retries"):
-            for i in lost:
-                scales[i] *= cfg.detect_backoff
-                runs[i] = attack_face(problems[i], models, cfg, scales[i], rng, eot)
-    if lost:
-        log.warning("%d face(s) no longer detected after %d retries", len(lost), cfg.detect_retries)
+    out, runs, scales, clean_seen, seen, found = attack_until_detected(x1_pixels, clean_pixels, clean_faces, problems,
+                                                                       bound, models, cfg, rng, eot)
     with models.phase("verdicts"):
         native = native_verdicts(clean_pixels, out, models.judges, [face.bbox for face in clean_faces],
                                  seen={name: (clean_seen[name], seen[name]) for name in models.judges})
