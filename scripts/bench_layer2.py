@@ -20,7 +20,8 @@ Reported, per judge: share of the clean photo's faces it no longer sees as the s
 the saved pixels and after JPEG 75, and the share it still detects; photo PSNR and L∞ (0..255);
 seconds per face split by phase (detection, alignment, pgd, inverse_warp, retries, verdicts) plus
 start-up (imports and model loading) apart; CPU seconds per face (the process's user + system time: a
-fairer figure than wall time on a shared machine); peak resident memory. Timings on a shared CPU are noisy.
+fairer figure than wall time on a shared machine), also split by phase, and PGD CPU seconds per step (first
+attempts; retries are their own phase); peak resident memory. Timings on a shared CPU are noisy.
 """
 
 from __future__ import annotations
