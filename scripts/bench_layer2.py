@@ -20,7 +20,8 @@ Reported, per judge: share of the clean photo's faces it no longer sees as the s
 the saved pixels and after JPEG 75, and the share it still detects; photo PSNR and L∞ (0..255);
 seconds per face split by phase (detection, alignment, pgd, inverse_warp, retries, verdicts) plus
 start-up (imports and model loading) apart; CPU seconds per face (the process's user + system time: a
-fairer figure than wall time on a shared machine); peak resident memory. Timings on a shared CPU are noisy.
+fairer figure than wall time on a shared machine), also split by phase, and PGD CPU seconds per step (first
+attempts; retries are their own phase); peak resident memory. Timings on a shared CPU are noisy.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def main() -> None:
     photos = {**real_photos(), **(folder_photos(args.photos) if args.photos else {})}
     if args.only:
         photos = {k: v for k, v in photos.items() if k in args.only.split(",")}
-    verdicts, rows, faces_total = [], [], 0
+    verdicts, rows, faces_total, steps_total = [], [], 0, 0
     extra_seconds, cpu_start = 0.0, time.process_time()
     for name, clean in photos.items():
         start = time.perf_counter()
@@ -145,6 +146,7 @@ def main() -> None:
                 entry.update(more)
             extra_seconds += time.perf_counter() - begin
         verdicts += judged
+        steps_total += sum(f["steps"] for f in faces)
         rows.append({"photo": name, "faces": len(faces), "psnr_db": round(psnr(protected, clean), 2),
                      "linf_255": linf_255(protected, clean), "seconds": round(seconds, 2),
                      "steps": [f["steps"] for f in faces], "bound_scale": [f["bound_scale"] for f in faces],
@@ -165,6 +167,10 @@ def main() -> None:
         "seconds_per_face": {**per_face, "layer2_total": round(sum(models.seconds.values()) / max(faces_total, 1), 3),
                              "extra_judges": round(extra_seconds / max(faces_total, 1), 3)},
         "cpu_seconds_per_face": round(cpu_per_face, 2),
+        "cpu_seconds_per_face_by_phase": {phase: round(total / max(faces_total, 1), 3)
+                                          for phase, total in models.cpu_seconds.items()},
+        "pgd_steps": steps_total,
+        "pgd_cpu_seconds_per_step": round(models.cpu_seconds["pgd"] / max(steps_total, 1), 4),
         "startup_cpu_seconds": round(cpu_start, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "photos": rows,

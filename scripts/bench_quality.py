@@ -98,10 +98,10 @@ def margin_coverage(clean: np.ndarray, faces: list, models, budget, margins: lis
     import torch
 
     from dladiff.budget import layer2_bound
+    from dladiff.data import to_tensor
     from dladiff.faces.align import alignment_matrix, warp_to_crop
-    from dladiff.layer2 import to_unit
 
-    x = to_unit(clean).requires_grad_(True)
+    x = to_tensor(clean).requires_grad_(True)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for face in faces:

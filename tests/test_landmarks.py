@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from dladiff.config import load_config, with_overrides
+from dladiff.data import to_tensor
 from dladiff.faces.align import warp_to_crop
 from dladiff.faces.detect import YuNetDetector
 from dladiff.faces.dlib_resnet import dlib_model_path
-from dladiff.faces.landmarks import DlibSource, chip_matrix, make_sources, nearest
-from dladiff.layer2 import build_problem, prepare_layer2, to_unit
+from dladiff.faces.landmarks import DlibSource, chip_matrix, faces_by_source, make_sources, nearest
+from dladiff.layer2 import prepare_layer2
+from dladiff.layer2.problem import build_problem
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,9 @@ def test_each_source_adds_an_alignment_per_encoder_and_dlib_gets_its_own_chip(as
     models = prepare_layer2(cfg)
     assert [source.name for source in models.sources] == ["dlib68", "dlib5"]  # yunet is the detector already
     face = models.detector.detect(astronaut)[0]
-    x = to_unit(astronaut)
+    x = to_tensor(astronaut)
     source_faces = {source.name: source.faces(astronaut) for source in models.sources}
-    problem = build_problem(face, face, x, x, models, cfg, source_faces)
+    problem = build_problem(face, face, x, x, models.encoders, cfg, source_faces)
     assert len(problem.alignments["dlib"]) == 3
     x0, y0 = problem.box[:2]
     chip = nearest(face, source_faces["dlib68"]).chip
@@ -57,3 +59,19 @@ def test_each_source_adds_an_alignment_per_encoder_and_dlib_gets_its_own_chip(as
     expected[:, 2] += chip[:, :2] @ np.array([x0, y0], dtype=np.float64)
     np.testing.assert_allclose(problem.alignments["dlib"][1], expected, atol=1e-9)
     assert make_sources(("scrfd",), "/nonexistent", 640) == []
+
+
+def test_dlib_sources_share_one_hog_detection(astronaut):
+    sources = make_sources(("dlib68", "dlib5"), "/nonexistent", 640)
+    calls = []
+    for source in sources:
+        detector = source.detector
+        source.detector = lambda image, upsample, detector=detector: calls.append(1) or detector(image, upsample)
+    shared = faces_by_source(sources, astronaut)
+    assert len(calls) == 1
+    for source in sources:
+        alone = source.faces(astronaut)
+        assert len(alone) == len(shared[source.name]) >= 1
+        for own, together in zip(alone, shared[source.name]):
+            np.testing.assert_array_equal(own.face.landmarks, together.face.landmarks)
+            np.testing.assert_array_equal(own.chip, together.chip)

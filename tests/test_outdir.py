@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import dladiff.layer2
+import dladiff.layer2.photos
 from dladiff.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NO_FACE, app
 from dladiff.config import load_config, with_overrides
 from dladiff.errors import DladiffError
@@ -122,7 +122,7 @@ def test_second_run_into_the_same_folder_is_refused(two_faces, tmp_path, fast_la
 def _counting_protect_image(monkeypatch, after=None):
     """Wrap layer2.protect_image; ``after(call_number)`` runs after each call. Returns the call log."""
     calls = []
-    real = dladiff.layer2.protect_image
+    real = dladiff.layer2.photos.protect_image
 
     def wrapped(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -131,7 +131,7 @@ def _counting_protect_image(monkeypatch, after=None):
             after(len(calls))
         return result
 
-    monkeypatch.setattr(dladiff.layer2, "protect_image", wrapped)
+    monkeypatch.setattr(dladiff.layer2.photos, "protect_image", wrapped)
     return calls
 
 

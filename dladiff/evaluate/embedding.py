@@ -17,6 +17,17 @@ from dladiff.faces.align import alignment_matrix, warp_to_crop
 from dladiff.faces.detect import Face, FaceDetector
 
 
+@torch.no_grad()
+def embed_face(encoder: torch.nn.Module, image: torch.Tensor, landmarks: np.ndarray) -> torch.Tensor:
+    """Embedding ``(D,)`` of the face with ``landmarks`` (5, 2) in ``image`` ``(1, 3, H, W)`` [-1, 1].
+
+    The face is aligned on the encoder's template (float32 matrix, as layer 2's crops) and cut at its ``crop_size``.
+    """
+    M = alignment_matrix(landmarks, encoder.template)
+    crop = warp_to_crop(image, torch.as_tensor(M, dtype=torch.float32), encoder.crop_size)
+    return encoder(crop)[0]
+
+
 @dataclass
 class FaceEmbedder:
     """A detector and an identity encoder used together on ``(H, W, 3) uint8`` RGB images."""
@@ -33,11 +44,8 @@ class FaceEmbedder:
         return faces[0] if faces else None
 
     def embed_face(self, image: np.ndarray, face: Face) -> np.ndarray:
-        """Raw embedding ``(D,)`` float64 of ``face`` (aligned on its five landmarks)."""
-        matrix = alignment_matrix(face.landmarks, self.encoder.template)
-        crop = warp_to_crop(to_tensor(image), matrix, self.encoder.crop_size)
-        with torch.no_grad():
-            return self.encoder(crop.float())[0].double().cpu().numpy()
+        """Raw embedding ``(D,)`` float64 of ``face`` in ``image`` ``(H, W, 3) uint8`` (aligned on its five landmarks)."""
+        return embed_face(self.encoder, to_tensor(image), face.landmarks).double().cpu().numpy()
 
     def embed(self, image: np.ndarray) -> np.ndarray | None:
         """Embedding of the largest face, or None when no face is found."""

@@ -64,6 +64,14 @@ class Ensemble:
         score = margin_score(embeddings, clean, threshold, kind)
         return score if self.margin < 0 else (score + self.margin).clamp_min(0.0)
 
+    def saturated(self, embeddings: torch.Tensor, clean: torch.Tensor, threshold: float, kind: str) -> bool:
+        """Whether every sample's hinge is shut (s + m < 0): the term is 0 with a zero gradient, so its encoder needs
+        no backward pass. Always False for ``fixed`` weighting and without a hinge."""
+        if self.weighting == "fixed" or self.margin < 0:
+            return False
+        with torch.no_grad():
+            return bool((margin_score(embeddings, clean, threshold, kind) + self.margin < 0).all())
+
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ_k w_k · term_k / Σ_k w_k over the encoders of ``terms`` (scalars)."""
         total = sum(self.weights[name] for name in terms) or 1.0

@@ -65,12 +65,13 @@ class DlibSource:
         self.predictor = load_shape_predictor(str(dlib_model_path(f"shape_predictor_{points}_face_landmarks.dat")))
         self.chip_points = dlib_chip_template(DLIB_CHIP, DLIB_PADDING)
 
-    def faces(self, image: np.ndarray) -> list[SourceFace]:
+    def faces(self, image: np.ndarray, rects=None) -> list[SourceFace]:
+        """The faces of ``image``; ``rects``: HOG boxes already found on it (one upsampling), to skip the detector."""
         import dlib
 
         image = np.ascontiguousarray(image)
         out = []
-        for rect in self.detector(image, 1):
+        for rect in self.detector(image, 1) if rects is None else rects:
             shape = self.predictor(image, rect)
             chip = chip_matrix(dlib.get_face_chip_details(shape, DLIB_CHIP, DLIB_PADDING))
             if self.points == 68:
@@ -113,6 +114,18 @@ def make_sources(names: tuple[str, ...], model_root: str | Path, det_size: int, 
             if pack is not None:
                 sources.append(DetectorSource(name, InsightFaceDetector(model_root, pack=pack, det_size=det_size)))
     return sources
+
+
+def faces_by_source(sources: list, image: np.ndarray) -> dict[str, list[SourceFace]]:
+    """Every source's faces in ``image``; the dlib sources share one HOG detection (same detector, same upsampling)."""
+    out, rects = {}, None
+    for source in sources:
+        if isinstance(source, DlibSource):
+            rects = source.detector(np.ascontiguousarray(image), 1) if rects is None else rects
+            out[source.name] = source.faces(image, rects)
+        else:
+            out[source.name] = source.faces(image)
+    return out
 
 
 def nearest(face: Face, candidates: list[SourceFace]) -> SourceFace | None:
