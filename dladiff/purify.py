@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dladiff.eot import eot_transform, gaussian_blur  # noqa: F401  eot_transform: dladiff/layer2.py's import, until it reads dladiff.eot
+from dladiff.eot import gaussian_blur
 from dladiff.errors import DladiffError
 
 DEFAULT_PARAMETERS = {"jpeg": 75.0, "resize": 0.5, "blur": 1.0}

@@ -12,7 +12,7 @@ Where each piece lives:
 * :mod:`~dladiff.layer2.objective`: Eq. 10 on one face (crops, encoders, feature loss), weighted by
   :class:`dladiff.faces.ensemble.Ensemble` (fixed as in the paper, or normalized with a hinge);
 * :mod:`~dladiff.layer2.transforms`: momentum (MI), gradient smoothing (TI), input diversity (DI),
-  alignment jitter; EOT is :func:`dladiff.purify.eot_transform`;
+  alignment jitter; EOT is :func:`dladiff.eot.eot_transform`;
 * :mod:`~dladiff.layer2.problem`: one face's patch, alignments (templates, landmark sources), clean
   embeddings, and the warp x1 ⊕ δ2 (aligned-face grid + inverse warp, or the photo's own grid);
 * :mod:`~dladiff.layer2.attack`: the pieces assembled from :class:`~dladiff.config.Layer2Config`;

@@ -9,7 +9,7 @@ Piece (where it lives): on in ``configs/default.yaml`` / ``configs/layer2_paper.
 * momentum, MI (:class:`~dladiff.layer2.transforms.Momentum`): μ = 1 / off;
 * input diversity, DI (:func:`~dladiff.layer2.transforms.diverse_input`): p = 0.5 / off;
 * gradient smoothing, TI (:func:`~dladiff.layer2.transforms.smooth_gradient`): 7 px / off;
-* EOT (:func:`dladiff.purify.eot_transform`): off / off (``eot.enabled``);
+* EOT (:func:`dladiff.eot.eot_transform`): off / off (``eot.enabled``);
 * feature loss (:class:`~dladiff.layer2.objective.FeatureLoss`): off / off.
 """
 
@@ -37,7 +37,7 @@ from dladiff.layer2.transforms import (
     gaussian_kernel,
     smooth_gradient,
 )
-from dladiff.purify import eot_transform
+from dladiff.eot import eot_transform
 
 
 @dataclass

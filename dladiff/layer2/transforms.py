@@ -10,7 +10,7 @@ Input transforms (what the encoders see), tensors in [-1, 1]:
 * :func:`diverse_input`: DI-FGSM (Xie et al. 2019), random shrink-and-pad of each crop;
 * :class:`AlignmentSampler`: alignment diversity, jittered draws among a face's alignments
   (own template, other templates, other landmark sources; built in :mod:`dladiff.layer2.problem`);
-* EOT: the differentiable JPEG / resize / blur of :func:`dladiff.purify.eot_transform`, used as is.
+* EOT: the differentiable JPEG / resize / blur of :func:`dladiff.eot.eot_transform`, used as is.
 """
 
 from __future__ import annotations
