@@ -13,19 +13,8 @@ import numpy as np
 import torch
 
 from dladiff.data import to_tensor
-from dladiff.faces.align import alignment_matrix, warp_to_crop
 from dladiff.faces.detect import Face, FaceDetector
-
-
-@torch.no_grad()
-def embed_face(encoder: torch.nn.Module, image: torch.Tensor, landmarks: np.ndarray) -> torch.Tensor:
-    """Embedding ``(D,)`` of the face with ``landmarks`` (5, 2) in ``image`` ``(1, 3, H, W)`` [-1, 1].
-
-    The face is aligned on the encoder's template (float32 matrix, as layer 2's crops) and cut at its ``crop_size``.
-    """
-    M = alignment_matrix(landmarks, encoder.template)
-    crop = warp_to_crop(image, torch.as_tensor(M, dtype=torch.float32), encoder.crop_size)
-    return encoder(crop)[0]
+from dladiff.faces.encoders import embed_face
 
 
 @dataclass

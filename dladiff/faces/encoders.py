@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dladiff.errors import DladiffError, ModelUnavailableError
-from dladiff.faces.align import ARCFACE_TEMPLATE_112
+from dladiff.faces.align import ARCFACE_TEMPLATE_112, alignment_matrix, warp_to_crop
 from dladiff.faces.model_packs import expected_pack_path, pack_file
 from dladiff.faces.onnx_convert import (
     freeze,
@@ -98,6 +98,17 @@ class IdentityEncoder(torch.nn.Module):
         expected = (3, self.crop_size, self.crop_size)
         if crops.dim() != 4 or tuple(crops.shape[1:]) != expected:
             raise ValueError(f"encoder {self.name} needs crops (N, {', '.join(map(str, expected))}), got {tuple(crops.shape)}")
+
+
+@torch.no_grad()
+def embed_face(encoder: IdentityEncoder, image: torch.Tensor, landmarks: np.ndarray) -> torch.Tensor:
+    """Embedding ``(D,)`` of the face with ``landmarks`` (5, 2) in ``image`` ``(1, 3, H, W)`` [-1, 1].
+
+    The face is aligned on the encoder's template (float32 matrix, as layer 2's crops) and cut at its ``crop_size``.
+    """
+    M = alignment_matrix(landmarks, encoder.template)
+    crop = warp_to_crop(image, torch.as_tensor(M, dtype=torch.float32), encoder.crop_size)
+    return encoder(crop)[0]
 
 
 class DlibEncoder(IdentityEncoder):

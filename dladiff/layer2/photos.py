@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from dladiff.budget import layer2_bound
 from dladiff.config import BudgetConfig, Config, EOTConfig, Layer2Config
 from dladiff.data import Portrait, to_tensor
-from dladiff.evaluate.embedding import embed_face
 from dladiff.faces.detect import Face
+from dladiff.faces.encoders import embed_face
 from dladiff.faces.landmarks import faces_by_source
 from dladiff.faces.verdicts import judge_all, native_verdicts, undetected
 from dladiff.layer2.attack import FaceRun, attack_face

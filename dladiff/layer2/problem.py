@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from dladiff.config import Layer2Config
-from dladiff.evaluate.embedding import embed_face
 from dladiff.faces.align import (
     ARCFACE_TEMPLATE_112,
     alignment_matrix,
@@ -31,7 +30,7 @@ from dladiff.faces.align import (
     warp_to_crop,
 )
 from dladiff.faces.detect import Face
-from dladiff.faces.encoders import IdentityEncoder, named_template
+from dladiff.faces.encoders import IdentityEncoder, embed_face, named_template
 from dladiff.faces.landmarks import SourceFace, nearest, source_alignments
 
 
