@@ -129,7 +129,7 @@ def _input_shape(model) -> tuple[int, ...]:
 
 
 NATIVE_OPS = {"Add", "Sub", "Mul", "Conv", "BatchNormalization", "PRelu", "Relu", "Constant", "Dropout", "Flatten",
-              "Gemm"}
+              "Gemm", "Identity"}
 """The ONNX operators :class:`NativeGraph` runs (SFace and other MobileFaceNet/ResNet-style recognizers)."""
 
 
@@ -144,7 +144,7 @@ def _native_node(node, constants: dict) -> tuple | None:
 
     Supported exactly as onnx2torch converts them: symmetric-pad ``Conv``, inference ``BatchNormalization``,
     per-channel ``PRelu``, ``Flatten`` at axis 1, ``Gemm`` with a constant ``transB=1`` weight (a linear
-    layer), ``Dropout`` (identity in eval) and elementwise ``Add``/``Sub``/``Mul`` without old-style broadcast.
+    layer), ``Dropout`` (identity in eval), ``Identity`` and elementwise ``Add``/``Sub``/``Mul`` without old-style broadcast.
     """
     attrs = _attributes(node)
     op, inputs = node.op_type, list(node.input)
@@ -178,7 +178,7 @@ def _native_node(node, constants: dict) -> tuple | None:
         from onnx import numpy_helper
 
         settings = {"value": numpy_helper.to_array(attrs["value"])}
-    elif op in ("Add", "Sub", "Mul", "PRelu", "Relu"):
+    elif op in ("Add", "Sub", "Mul", "PRelu", "Relu", "Identity"):
         if attrs:
             return None
         settings = {}
@@ -191,7 +191,7 @@ class NativeGraph(torch.nn.Module):
     """An ONNX graph of :data:`NATIVE_OPS` run node by node with the torch functions onnx2torch's modules call.
 
     Built straight from the ONNX file (no onnx2torch, which imports torchvision and torch._dynamo:
-    seconds of start-up); the outputs equal onnx2torch's conversion (tests/test_sface.py). Weights are
+    seconds of start-up); the outputs equal onnx2torch's conversion (tests/test_startup.py). Weights are
     buffers, so :func:`freeze` and ``.to(device)`` work as for any module.
     """
 
@@ -228,7 +228,7 @@ class NativeGraph(torch.nn.Module):
                 values[output] = torch.flatten(args[0], 1)
             elif op == "Constant":
                 values[output] = torch.as_tensor(settings["value"])
-            elif op == "Dropout":
+            elif op in ("Dropout", "Identity"):
                 values[output] = args[0]
             else:
                 values[output] = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul}[op](args[0], args[1])
@@ -251,6 +251,9 @@ def native_graph(model) -> NativeGraph | None:
     constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     nodes = []
     for node in model.graph.node:
+        if node.op_type == "Identity" and len(node.input) == 1 and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]  # exporters alias weights this way
+            continue
         entry = _native_node(node, constants)
         if entry is None:
             return None
