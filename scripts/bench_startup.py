@@ -65,6 +65,11 @@ LAYER1_PARTS = {
     "surrogate": ("dladiff.surrogate", "finetune_surrogate"),
     "layer1": ("dladiff.methods", "run_method"),
     "write_outputs": ("dladiff.protect", "_save_outputs"),
+    "report": ("dladiff.protect", "_report"),
+    "presentation": ("dladiff.protect", "write_presentation"),
+    "apply_perturbation": ("dladiff.protect", "apply_perturbation"),
+    "model_batch": ("dladiff.protect", "model_batch"),
+    "save_state": ("dladiff.state_io", "save_state"),
 }
 TIMED_IMPORTS = ("torch", "dlib", "cv2", "onnx", "diffusers", "transformers")
 """Top-level libraries whose import (their ``__init__``, submodules included) is a part of its own."""

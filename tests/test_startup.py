@@ -163,3 +163,31 @@ def test_prepare_layer2_builds_no_native_judge(monkeypatch):
     models = prepare_layer2(cfg.layer2)
     assert set(models.judges) == {"sface", "dlib"}
     assert built == [] and not any(judge.built for judge in models.judges.values())
+
+
+def test_amplified_difference_integer_gain_equals_the_float_formula():
+    from dladiff.preview import amplified_difference
+
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    protected = np.clip(clean.astype(int) + rng.integers(-40, 41, clean.shape), 0, 255).astype(np.uint8)
+    protected[0, 0], clean[0, 0] = 255, 0  # the extremes
+    for gain in (10.0, 1, 100, -3.0, 2.5):
+        expected = np.clip(128.0 + gain * (protected.astype(np.int16) - clean.astype(np.int16)), 0, 255).astype(np.uint8)
+        assert np.array_equal(amplified_difference(clean, protected, gain), expected)
+
+
+def test_report_thumbnails_decode_to_the_scaled_strip(real_photos):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from dladiff.report_html import THUMB_WIDTH, png_data_uri
+
+    photo = np.ascontiguousarray(np.concatenate([real_photos["astronaut"]] * 3, axis=1))
+    uri = png_data_uri(photo)
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+    expected = np.asarray(Image.fromarray(photo).resize((THUMB_WIDTH, round(512 * THUMB_WIDTH / photo.shape[1])),
+                                                        Image.Resampling.BOX))
+    assert uri.startswith("data:image/png;base64,") and np.array_equal(decoded, expected)

@@ -144,7 +144,8 @@ def _native_node(node, constants: dict) -> tuple | None:
 
     Supported exactly as onnx2torch converts them: symmetric-pad ``Conv``, inference ``BatchNormalization``,
     per-channel ``PRelu``, ``Flatten`` at axis 1, ``Gemm`` with a constant ``transB=1`` weight (a linear
-    layer), ``Dropout`` (identity in eval), ``Identity`` and elementwise ``Add``/``Sub``/``Mul`` without old-style broadcast.
+    layer), ``Dropout`` (identity in eval), ``Identity`` and elementwise ``Add``/``Sub``/``Mul`` without
+    old-style broadcast.
     """
     attrs = _attributes(node)
     op, inputs = node.op_type, list(node.input)
