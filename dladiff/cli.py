@@ -176,15 +176,9 @@ def _protect_one(photos, out, cfg, layers, surrogate, resume, quiet, stop, overw
     """Problems (skipped or failed files) and photos without a face of one folder."""
     import time
 
-    from dladiff.faces.detect import dlib_models_before_first_face, prefetch_dlib_models
-
-    start = time.perf_counter()
-    if 2 in layers:  # dlib's models load on a background thread while torch is imported
-        l2 = cfg.layer2
-        prefetch_dlib_models(dlib_models_before_first_face(l2.landmark_sources, l2.detector,
-                                                           cfg.budget.face_mask and cfg.budget.hull == "dlib68"))
     from dladiff.protect import protect_folder, summary_line
 
+    start = time.perf_counter()
     outcome = protect_folder(photos, out, cfg, layers, surrogate, resume, quiet, stop, overwrite)
     if not quiet:
         typer.echo(summary_line(outcome.report, time.perf_counter() - start))

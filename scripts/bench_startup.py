@@ -20,9 +20,8 @@ face's PGD starts) and ``total`` (the whole process, ``getrusage`` of the child)
 ``--layers 1 --config smoke`` (tiny SD loading, surrogate, layer 1, writing, total). A driver
 (``child`` mode of this script) wraps the loaders as their modules are imported (an import hook:
 nothing is imported ahead of the run, the package is unchanged); a part's seconds are its own,
-without the wrapped parts it calls. Parts on the package's background thread (the dlib models
-prefetched while torch imports) are named ``(background)`` and count that thread's CPU; the
-main thread's part for the same model is then the time it waited for it.
+without the wrapped parts it calls. A part run on another thread than the main one would be named
+``... (background)`` and count that thread's CPU.
 Set ``OMP_NUM_THREADS=1`` on a shared machine; the load average is reported with each run.
 """
 
@@ -83,8 +82,8 @@ def now(thread_cpu: bool = False) -> dict:
 class Recorder:
     """Own (exclusive) wall and CPU seconds of wrapped calls, nested calls subtracted.
 
-    Calls on other threads than the main one (the package's background loads) are parts of their
-    own, named ``... (background)``, with that thread's CPU seconds.
+    Calls on other threads than the main one are parts of their own, named ``... (background)``,
+    with that thread's CPU seconds.
     """
 
     def __init__(self):
@@ -145,8 +144,7 @@ def patch_module(recorder: Recorder, module, parts: dict) -> None:
 class PatchOnImport(importlib.abc.MetaPathFinder):
     """Patches dladiff modules as they are imported and times the import of big libraries.
 
-    Nothing is imported ahead of the run, so the run imports what it imports when it does (the
-    package's background loads overlap its imports as they would without the driver).
+    Nothing is imported ahead of the run, so the run imports what it imports when it does.
     """
 
     def __init__(self, recorder: Recorder, parts: dict):

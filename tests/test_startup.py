@@ -13,14 +13,8 @@ import torch
 
 from dladiff.config import load_config
 from dladiff.faces import detect
-from dladiff.faces.detect import (
-    LoadOnce,
-    dlib_models_before_first_face,
-    dlib_predictor_file,
-    frontal_face_detector,
-    load_shape_predictor,
-    prefetch_dlib_models,
-)
+from dladiff.faces.detect import LoadOnce, frontal_face_detector, load_shape_predictor
+from dladiff.faces.dlib_resnet import dlib_model_path
 from dladiff.faces.verdicts import DlibJudge, LazyJudge, SFaceJudge, native_judge
 
 HEAVY = ("torch", "diffusers", "transformers", "insightface", "onnx2torch", "onnx", "torchvision", "torch_fidelity",
@@ -116,26 +110,9 @@ def test_one_hog_detector_and_one_predictor_per_file_for_every_user():
 
     sixty_eight, five = DlibSource(68), DlibSource(5)
     assert sixty_eight.detector is five.detector is frontal_face_detector() is detect.DlibDetector()._detector
-    assert load_shape_predictor(dlib_predictor_file(68)) is load_shape_predictor(str(dlib_predictor_file(68)))
-    assert sixty_eight.predictor is load_shape_predictor(dlib_predictor_file(68))
-
-
-def test_prefetch_fills_the_caches_the_loaders_read():
-    points = dlib_models_before_first_face(["dlib68", "dlib5", "yunet"], "yunet")
-    assert points == [68, 5]
-    thread = prefetch_dlib_models(points)
-    thread.join(timeout=60)
-    assert not thread.is_alive()
-    keys = set(detect._shape_predictor.values)
-    assert {(str(dlib_predictor_file(n).resolve()),) for n in (68, 5)} <= keys
-    assert () in frontal_face_detector.values
-
-
-def test_which_predictors_are_needed_before_the_first_face():
-    assert dlib_models_before_first_face([], "yunet") == []
-    assert prefetch_dlib_models([]) is None
-    assert dlib_models_before_first_face(["yunet"], "dlib") == [68]
-    assert dlib_models_before_first_face(["dlib5"], "yunet", face_mask_dlib68=True) == [68, 5]
+    path = dlib_model_path("shape_predictor_68_face_landmarks.dat")
+    assert load_shape_predictor(path) is load_shape_predictor(str(path)) is sixty_eight.predictor
+    assert detect.DlibDetector()._predictor is sixty_eight.predictor  # the same file by another path spelling
 
 
 def test_native_judges_are_built_on_first_use_and_judge_like_the_eager_ones(real_photos):

