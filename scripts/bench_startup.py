@@ -263,7 +263,8 @@ def split_run(layers: int, photos: Path, config: str | None) -> dict:
         process = run_child_process(cmd)
         data = json.loads(events.read_text(encoding="utf-8"))
     origin = process["start"]
-    parts = {"interpreter": {"wall_s": round(data["start"]["wall"] - origin, 3), "cpu_s": round(data["start"]["cpu"], 3)},
+    parts = {"interpreter": {"wall_s": round(data["start"]["wall"] - origin, 3),
+                             "cpu_s": round(data["start"]["cpu"], 3)},
              "import dladiff.cli": {"wall_s": round(data["imported"]["wall"] - data["start"]["wall"], 3),
                          "cpu_s": round(data["imported"]["cpu"] - data["start"]["cpu"], 3)}}
     for name, part in data["parts"].items():

@@ -135,7 +135,11 @@ def test_prepare_layer2_builds_no_native_judge(monkeypatch):
     built = []
     for cls in (DlibJudge, SFaceJudge):
         original = cls.__init__
-        monkeypatch.setattr(cls, "__init__", lambda self, *a, _o=original, **k: (built.append(type(self)), _o(self, *a, **k))[1])
+        def counted(self, *args, _original=original, **kwargs):
+            built.append(type(self))
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counted)
     cfg = load_config()
     models = prepare_layer2(cfg.layer2)
     assert set(models.judges) == {"sface", "dlib"}
@@ -150,7 +154,8 @@ def test_amplified_difference_integer_gain_equals_the_float_formula():
     protected = np.clip(clean.astype(int) + rng.integers(-40, 41, clean.shape), 0, 255).astype(np.uint8)
     protected[0, 0], clean[0, 0] = 255, 0  # the extremes
     for gain in (10.0, 1, 100, -3.0, 2.5):
-        expected = np.clip(128.0 + gain * (protected.astype(np.int16) - clean.astype(np.int16)), 0, 255).astype(np.uint8)
+        diff = protected.astype(np.int16) - clean.astype(np.int16)
+        expected = np.clip(128.0 + gain * diff, 0, 255).astype(np.uint8)
         assert np.array_equal(amplified_difference(clean, protected, gain), expected)
 
 

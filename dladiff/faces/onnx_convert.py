@@ -153,18 +153,20 @@ def _native_node(node, constants: dict) -> tuple | None:
         return None
     if op == "Conv":
         pads = list(attrs.get("pads", [0, 0, 0, 0]))
-        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[: len(pads) // 2] != pads[len(pads) // 2 :]:
+        half = len(pads) // 2
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[:half] != pads[half:]:
             return None
         if len(constants.get(inputs[1], np.zeros(0)).shape) != 4:
             return None
-        settings = {"stride": tuple(attrs.get("strides", [1, 1])), "padding": tuple(pads[: len(pads) // 2]),
+        settings = {"stride": tuple(attrs.get("strides", [1, 1])), "padding": tuple(pads[:half]),
                     "dilation": tuple(attrs.get("dilations", [1, 1])), "groups": int(attrs.get("group", 1))}
     elif op == "BatchNormalization":
         if set(attrs) - {"epsilon", "momentum"} or len(inputs) != 5:
             return None
         settings = {"eps": float(attrs.get("epsilon", 1e-5))}
     elif op == "Gemm":
-        if (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0), attrs.get("transB", 0)) != (1.0, 1.0, 0, 1):
+        gemm = (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0), attrs.get("transB", 0))
+        if gemm != (1.0, 1.0, 0, 1):
             return None
         if inputs[1] not in constants or constants[inputs[1]].ndim != 2:
             return None
