@@ -108,8 +108,8 @@ def test_a_failed_load_is_not_cached():
 def test_one_hog_detector_and_one_predictor_per_file_for_every_user():
     from dladiff.faces.landmarks import DlibSource
 
-    sixty_eight, five = DlibSource(68), DlibSource(5)
-    assert sixty_eight.detector is five.detector is frontal_face_detector() is detect.DlibDetector()._detector
+    sixty_eight = DlibSource(68)
+    assert frontal_face_detector() is detect.DlibDetector()._detector is DlibJudge().detector
     path = dlib_model_path("shape_predictor_68_face_landmarks.dat")
     assert load_shape_predictor(path) is load_shape_predictor(str(path)) is sixty_eight.predictor
     assert detect.DlibDetector()._predictor is sixty_eight.predictor  # the same file by another path spelling
@@ -173,3 +173,25 @@ def test_report_thumbnails_decode_to_the_scaled_strip(real_photos):
     expected = np.asarray(Image.fromarray(photo).resize((THUMB_WIDTH, round(512 * THUMB_WIDTH / photo.shape[1])),
                                                         Image.Resampling.BOX))
     assert uri.startswith("data:image/png;base64,") and np.array_equal(decoded, expected)
+
+
+def test_the_dlib_landmark_sources_share_one_hog_pass_per_photo(monkeypatch, real_photos):
+    import dlib
+
+    from dladiff.faces.landmarks import DlibSource
+
+    photo = np.ascontiguousarray(real_photos["astronaut"])
+    expected = [(r.left(), r.top(), r.right(), r.bottom()) for r in dlib.get_frontal_face_detector()(photo, 1)]
+    sources = [DlibSource(68), DlibSource(5)]
+    calls = []
+    hog = frontal_face_detector()
+    monkeypatch.setattr(detect, "frontal_face_detector", lambda: lambda image, up: calls.append(up) or hog(image, up))
+    detect._LAST_HOG.clear()
+    found = [source.faces(photo) for source in sources]
+    assert calls == [1] and len(found[0]) == len(found[1]) == len(expected) >= 1
+    for faces in found:
+        assert [tuple(int(v) for v in f.face.bbox) for f in faces] == [(l, t, r + 1, b + 1) for l, t, r, b in expected]
+    changed = photo.copy()
+    changed[:64] = 0
+    sources[0].faces(changed)
+    assert calls == [1, 1]  # another image: a new pass

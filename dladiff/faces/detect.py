@@ -20,6 +20,7 @@ Backends:
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,24 @@ def frontal_face_detector():
     import dlib
 
     return dlib.get_frontal_face_detector()
+
+
+_LAST_HOG: dict = {}
+_HOG_LOCK = threading.Lock()
+
+
+def hog_boxes(image: np.ndarray, upsample: int) -> list:
+    """dlib's HOG boxes (``dlib.rectangle``) of a contiguous uint8 ``image``, remembered for the last image.
+
+    Layer 2's ``dlib68`` and ``dlib5`` landmark sources look at the same photo one after the other;
+    one HOG pass costs 0.16 s on a 512² photo, the content hash that identifies the image 2 ms.
+    """
+    key = (image.shape, int(upsample), hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+    with _HOG_LOCK:
+        if _LAST_HOG.get("key") != key:
+            _LAST_HOG.clear()
+            _LAST_HOG.update(key=key, boxes=list(frontal_face_detector()(image, int(upsample))))
+        return list(_LAST_HOG["boxes"])
 
 
 @LoadOnce

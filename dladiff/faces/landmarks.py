@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dladiff.faces.align import alignment_matrix, estimate_similarity, transform_points
-from dladiff.faces.detect import Face, five_points_from_68, frontal_face_detector, load_shape_predictor, make_face
+from dladiff.faces.detect import Face, five_points_from_68, hog_boxes, load_shape_predictor, make_face
 
 SOURCE_NAMES = ("yunet", "dlib68", "dlib5", "scrfd")
 DLIB_CHIP = 150
@@ -52,14 +52,14 @@ def chip_matrix(details) -> np.ndarray:
 
 
 class DlibSource:
-    """dlib's HOG detector and a shape predictor (68- or 5-point) as a landmark source."""
+    """dlib's HOG detector (one pass per photo shared by both dlib sources, :func:`~dladiff.faces.detect.hog_boxes`)
+    and a shape predictor (68- or 5-point) as a landmark source."""
 
     def __init__(self, points: int):
         from dladiff.faces.dlib_resnet import dlib_chip_template, dlib_model_path
 
         self.name = f"dlib{points}"
         self.points = points
-        self.detector = frontal_face_detector()
         self.predictor = load_shape_predictor(str(dlib_model_path(f"shape_predictor_{points}_face_landmarks.dat")))
         self.chip_points = dlib_chip_template(DLIB_CHIP, DLIB_PADDING)
 
@@ -68,7 +68,7 @@ class DlibSource:
 
         image = np.ascontiguousarray(image)
         out = []
-        for rect in self.detector(image, 1):
+        for rect in hog_boxes(image, 1):
             shape = self.predictor(image, rect)
             chip = chip_matrix(dlib.get_face_chip_details(shape, DLIB_CHIP, DLIB_PADDING))
             if self.points == 68:
