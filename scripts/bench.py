@@ -5,6 +5,7 @@
     python scripts/bench.py --config smoke                     # the tiny model, CPU
     python scripts/bench.py --config smoke --out bench.json    # also write the JSON to a file
     python scripts/bench.py --config smoke --write             # plus the output step of one 3 MP photo
+    python scripts/bench.py --startup --phases-only            # only the start-up phase (no layer-1 steps)
 
 ``--arch sd21-base-random`` builds the real SD-2.1-base architecture with random weights from the
 config shipped in the package (no download; about 5 GB written once to the dladiff cache), so GPU
@@ -18,7 +19,11 @@ Estimates for one identity: layer 1 = E × (n1·t1 + n2·t2 + n3·t3); the stati
 their sum is the whole layer-1 run.
 ``--write`` adds a ``write`` phase: seconds of each part of writing one full-size output (δ into
 the photo, PNG encode, re-read and bound check, PSNR) and its peak RSS, measured by
-``scripts/bench_io.py write`` in a fresh process.
+``scripts/bench_io.py write`` in a fresh process. ``--startup`` adds a ``startup`` phase: seconds (wall
+and CPU) of ``dladiff --help``, ``dladiff protect --help``, ``import dladiff.cli`` and of one-photo
+``--layers 2`` and ``--layers 1 --config smoke`` runs split into imports, config, each model's loading
+and the time until the first face's PGD, each in fresh processes (``scripts/bench_startup.py``).
+``--phases-only`` skips the layer-1 step timings and prints only the phases asked for.
 """
 
 import argparse
@@ -50,6 +55,9 @@ def parse_args():
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     parser.add_argument("--write", action="store_true", help="add the output-writing phase (one photo, see --write-size)")
     parser.add_argument("--write-size", default="2000x1500", help="WIDTHxHEIGHT of the photo of the write phase (pixels)")
+    parser.add_argument("--startup", action="store_true", help="add the start-up phase (fresh processes, see bench_startup.py)")
+    parser.add_argument("--startup-repeats", type=int, default=3, help="fresh processes per start-up measurement")
+    parser.add_argument("--phases-only", action="store_true", help="only the phases asked for (--write, --startup)")
     return parser.parse_args()
 
 
@@ -60,6 +68,31 @@ def write_phase(size: str) -> dict:
     done = subprocess.run([sys.executable, str(script), "write", "--width", width, "--height", height],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
+
+
+def startup_phase(repeats: int) -> dict:
+    """Start-up costs, measured by bench_startup.py in fresh processes."""
+    script = Path(__file__).with_name("bench_startup.py")
+    done = subprocess.run([sys.executable, str(script), "--repeats", str(repeats)], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)["startup"]
+
+
+def phases(args) -> dict:
+    """The fresh-process phases asked for on the command line."""
+    result = {}
+    if args.write:
+        result["write"] = write_phase(args.write_size)
+    if args.startup:
+        result["startup"] = startup_phase(args.startup_repeats)
+    return result
+
+
+def emit(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n", encoding="utf-8")
 
 
 def model_folder(args, cfg) -> str:
@@ -124,6 +157,9 @@ def estimates(timings: dict, cfg) -> dict:
 
 def main() -> None:
     args = parse_args()
+    if args.phases_only:
+        emit(phases(args), args.out)
+        return
     cfg = load_config(args.config)
     overrides = {"runtime": {"gradient_checkpointing": args.gradient_checkpointing or cfg.runtime.gradient_checkpointing}}
     if args.device:
@@ -163,12 +199,8 @@ def main() -> None:
         "autograd_saved_bytes": saved,
         "torch": torch.__version__,
     }
-    if args.write:
-        result["write"] = write_phase(args.write_size)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    result.update(phases(args))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from dladiff.data import to_tensor
 from dladiff.faces.align import warp_to_crop
 from dladiff.faces.detect import YuNetDetector
 from dladiff.faces.dlib_resnet import dlib_model_path
-from dladiff.faces.landmarks import DlibSource, chip_matrix, faces_by_source, make_sources, nearest
+from dladiff.faces.landmarks import DlibSource, chip_matrix, make_sources, nearest
 from dladiff.layer2 import prepare_layer2
 from dladiff.layer2.problem import build_problem
 
@@ -61,17 +61,3 @@ def test_each_source_adds_an_alignment_per_encoder_and_dlib_gets_its_own_chip(as
     assert make_sources(("scrfd",), "/nonexistent", 640) == []
 
 
-def test_dlib_sources_share_one_hog_detection(astronaut):
-    sources = make_sources(("dlib68", "dlib5"), "/nonexistent", 640)
-    calls = []
-    for source in sources:
-        detector = source.detector
-        source.detector = lambda image, upsample, detector=detector: calls.append(1) or detector(image, upsample)
-    shared = faces_by_source(sources, astronaut)
-    assert len(calls) == 1
-    for source in sources:
-        alone = source.faces(astronaut)
-        assert len(alone) == len(shared[source.name]) >= 1
-        for own, together in zip(alone, shared[source.name]):
-            np.testing.assert_array_equal(own.face.landmarks, together.face.landmarks)
-            np.testing.assert_array_equal(own.chip, together.chip)

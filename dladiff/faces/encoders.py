@@ -269,7 +269,8 @@ def insightface_sidecar(path: str | Path) -> OnnxSidecar:
 
 
 class OnnxEncoder(IdentityEncoder):
-    """Any ONNX face recognizer converted to PyTorch (onnx2torch), fed as its :class:`OnnxSidecar` says.
+    """Any ONNX face recognizer as a PyTorch module (:func:`~dladiff.faces.onnx_convert.onnx_to_torch`), fed as its
+    :class:`OnnxSidecar` says.
 
     Crops ``(N, 3, S, S)`` RGB in [-1, 1] become the network's input ``(N, 3, S, S)`` with one
     affine map per channel (and a channel flip for BGR), so gradients reach the crop pixels.

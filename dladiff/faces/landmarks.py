@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dladiff.faces.align import alignment_matrix, estimate_similarity, transform_points
-from dladiff.faces.detect import Face, five_points_from_68, load_shape_predictor, make_face
+from dladiff.faces.detect import Face, five_points_from_68, hog_boxes, load_shape_predictor, make_face
 
 SOURCE_NAMES = ("yunet", "dlib68", "dlib5", "scrfd")
 DLIB_CHIP = 150
@@ -52,26 +52,24 @@ def chip_matrix(details) -> np.ndarray:
 
 
 class DlibSource:
-    """dlib's HOG detector and a shape predictor (68- or 5-point) as a landmark source."""
+    """dlib's HOG detector (one pass per photo shared by both dlib sources, :func:`~dladiff.faces.detect.hog_boxes`)
+    and a shape predictor (68- or 5-point) as a landmark source."""
 
     def __init__(self, points: int):
-        import dlib
-
         from dladiff.faces.dlib_resnet import dlib_chip_template, dlib_model_path
 
         self.name = f"dlib{points}"
         self.points = points
-        self.detector = dlib.get_frontal_face_detector()
         self.predictor = load_shape_predictor(str(dlib_model_path(f"shape_predictor_{points}_face_landmarks.dat")))
         self.chip_points = dlib_chip_template(DLIB_CHIP, DLIB_PADDING)
 
-    def faces(self, image: np.ndarray, rects=None) -> list[SourceFace]:
-        """The faces of ``image``; ``rects``: HOG boxes already found on it (one upsampling), to skip the detector."""
+    def faces(self, image: np.ndarray) -> list[SourceFace]:
+        """The faces of ``image`` (uint8 RGB), each with its 5 points and dlib's own chip matrix."""
         import dlib
 
         image = np.ascontiguousarray(image)
         out = []
-        for rect in self.detector(image, 1) if rects is None else rects:
+        for rect in hog_boxes(image, 1):
             shape = self.predictor(image, rect)
             chip = chip_matrix(dlib.get_face_chip_details(shape, DLIB_CHIP, DLIB_PADDING))
             if self.points == 68:
@@ -114,18 +112,6 @@ def make_sources(names: tuple[str, ...], model_root: str | Path, det_size: int, 
             if pack is not None:
                 sources.append(DetectorSource(name, InsightFaceDetector(model_root, pack=pack, det_size=det_size)))
     return sources
-
-
-def faces_by_source(sources: list, image: np.ndarray) -> dict[str, list[SourceFace]]:
-    """Every source's faces in ``image``; the dlib sources share one HOG detection (same detector, same upsampling)."""
-    out, rects = {}, None
-    for source in sources:
-        if isinstance(source, DlibSource):
-            rects = source.detector(np.ascontiguousarray(image), 1) if rects is None else rects
-            out[source.name] = source.faces(image, rects)
-        else:
-            out[source.name] = source.faces(image)
-    return out
 
 
 def nearest(face: Face, candidates: list[SourceFace]) -> SourceFace | None:

@@ -128,14 +128,154 @@ def _input_shape(model) -> tuple[int, ...]:
     return tuple(int(d.dim_value) if d.dim_value > 0 else 1 for d in dims)
 
 
+NATIVE_OPS = {"Add", "Sub", "Mul", "Conv", "BatchNormalization", "PRelu", "Relu", "Constant", "Dropout", "Flatten",
+              "Gemm", "Identity"}
+"""The ONNX operators :class:`NativeGraph` runs (SFace and other MobileFaceNet/ResNet-style recognizers)."""
+
+
+def _attributes(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _native_node(node, constants: dict) -> tuple | None:
+    """``(op, inputs, output, settings)`` of one node for :class:`NativeGraph`, or None when not supported.
+
+    Supported exactly as onnx2torch converts them: symmetric-pad ``Conv``, inference ``BatchNormalization``,
+    per-channel ``PRelu``, ``Flatten`` at axis 1, ``Gemm`` with a constant ``transB=1`` weight (a linear
+    layer), ``Dropout`` (identity in eval), ``Identity`` and elementwise ``Add``/``Sub``/``Mul`` without
+    old-style broadcast.
+    """
+    attrs = _attributes(node)
+    op, inputs = node.op_type, list(node.input)
+    if op not in NATIVE_OPS or len(node.output) != 1:
+        return None
+    if op == "Conv":
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        half = len(pads) // 2
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[:half] != pads[half:]:
+            return None
+        if len(constants.get(inputs[1], np.zeros(0)).shape) != 4:
+            return None
+        settings = {"stride": tuple(attrs.get("strides", [1, 1])), "padding": tuple(pads[:half]),
+                    "dilation": tuple(attrs.get("dilations", [1, 1])), "groups": int(attrs.get("group", 1))}
+    elif op == "BatchNormalization":
+        if set(attrs) - {"epsilon", "momentum"} or len(inputs) != 5:
+            return None
+        settings = {"eps": float(attrs.get("epsilon", 1e-5))}
+    elif op == "Gemm":
+        gemm = (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0), attrs.get("transB", 0))
+        if gemm != (1.0, 1.0, 0, 1):
+            return None
+        if inputs[1] not in constants or constants[inputs[1]].ndim != 2:
+            return None
+        settings = {}
+    elif op == "Flatten":
+        if attrs.get("axis", 1) != 1:
+            return None
+        settings = {}
+    elif op == "Constant":
+        if set(attrs) != {"value"}:
+            return None
+        from onnx import numpy_helper
+
+        settings = {"value": numpy_helper.to_array(attrs["value"])}
+    elif op in ("Add", "Sub", "Mul", "PRelu", "Relu", "Identity"):
+        if attrs:
+            return None
+        settings = {}
+    else:  # Dropout: its ratio / training-mode inputs are ignored in eval
+        settings = {}
+    return op, inputs, node.output[0], settings
+
+
+class NativeGraph(torch.nn.Module):
+    """An ONNX graph of :data:`NATIVE_OPS` run node by node with the torch functions onnx2torch's modules call.
+
+    Built straight from the ONNX file (no onnx2torch, which imports torchvision and torch._dynamo:
+    seconds of start-up); the outputs equal onnx2torch's conversion (tests/test_startup.py). Weights are
+    buffers, so :func:`freeze` and ``.to(device)`` work as for any module.
+    """
+
+    def __init__(self, model, nodes: list[tuple], constants: dict[str, np.ndarray]):
+        super().__init__()
+        self.input_name = model.graph.input[0].name
+        self.output_name = model.graph.output[0].name
+        self.nodes = nodes
+        used = {name for _, inputs, _, _ in nodes for name in inputs}
+        self.names = {}
+        for index, name in enumerate(sorted(n for n in constants if n in used)):
+            self.names[name] = f"c{index}"
+            self.register_buffer(f"c{index}", torch.from_numpy(np.array(constants[name])))
+
+    def _value(self, name: str, values: dict) -> torch.Tensor:
+        return values[name] if name in values else getattr(self, self.names[name])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        F = torch.nn.functional
+        values = {self.input_name: x}
+        for op, inputs, output, settings in self.nodes:
+            args = [self._value(name, values) for name in inputs if name]
+            if op == "Conv":
+                values[output] = F.conv2d(args[0], args[1], args[2] if len(args) > 2 else None, **settings)
+            elif op == "BatchNormalization":
+                values[output] = F.batch_norm(args[0], args[3], args[4], args[1], args[2], False, 0.0, settings["eps"])
+            elif op == "PRelu":
+                values[output] = _prelu(args[0], args[1])
+            elif op == "Relu":
+                values[output] = torch.relu(args[0])
+            elif op == "Gemm":
+                values[output] = F.linear(args[0], args[1], args[2] if len(args) > 2 else None)
+            elif op == "Flatten":
+                values[output] = torch.flatten(args[0], 1)
+            elif op == "Constant":
+                values[output] = torch.as_tensor(settings["value"])
+            elif op in ("Dropout", "Identity"):
+                values[output] = args[0]
+            else:
+                values[output] = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul}[op](args[0], args[1])
+        return values[self.output_name]
+
+
+def _prelu(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """ONNX ``PRelu`` as onnx2torch computes it (``F.prelu`` for per-channel slopes)."""
+    if slope.nelement() == 1 or (slope.shape[0] == x.shape[1] and all(s == 1 for s in slope.shape[1:])):
+        return torch.nn.functional.prelu(x, slope.reshape(-1))
+    return torch.where(x >= 0, x, x * slope)
+
+
+def native_graph(model) -> NativeGraph | None:
+    """:class:`NativeGraph` of ``model`` when every node is supported, one input and one output; else None."""
+    from onnx import numpy_helper
+
+    if len(model.graph.input) != 1 or len(model.graph.output) != 1:
+        return None
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and len(node.input) == 1 and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]  # exporters alias weights this way
+            continue
+        entry = _native_node(node, constants)
+        if entry is None:
+            return None
+        nodes.append(entry)
+    return NativeGraph(model, nodes, constants)
+
+
 def onnx_to_torch(path: str | Path) -> torch.nn.Module:
     """PyTorch module (eval, parameters frozen) computing the same function as the ONNX file.
 
-    The module accepts any batch size, also when the ONNX graph was exported with batch 1.
+    The module accepts any batch size, also when the ONNX graph was exported with batch 1. Graphs of
+    :data:`NATIVE_OPS` only (SFace) become a :class:`NativeGraph`; the others go through onnx2torch.
     """
+    model = load_onnx_model(path)
+    native = native_graph(model)
+    if native is not None:
+        return freeze(native)
     from onnx2torch import convert
 
-    model = load_onnx_model(path)
     shape = _input_shape(model)
     had_fixed_batch = make_batch_dynamic(model)
     try:

