@@ -27,9 +27,9 @@ from dladiff.faces.dlib_resnet import (  # noqa: E402
     RESNET_MODEL_FILE,
     DlibResNet,
     dlib_chip_template,
-    dlib_model_path,
     load_dlib_resnet,
 )
+from dladiff.faces.model_packs import dlib_model_path
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25

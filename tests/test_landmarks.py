@@ -11,7 +11,7 @@ from dladiff.config import load_config, with_overrides
 from dladiff.data import to_tensor
 from dladiff.faces.align import warp_to_crop
 from dladiff.faces.detect import YuNetDetector
-from dladiff.faces.dlib_resnet import dlib_model_path
+from dladiff.faces.model_packs import dlib_model_path
 from dladiff.faces.landmarks import DlibSource, chip_matrix, make_sources, nearest
 from dladiff.layer2 import prepare_layer2
 from dladiff.layer2.problem import build_problem

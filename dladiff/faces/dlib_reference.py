@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dladiff.faces.dlib_resnet import DLIB_VERIFICATION_THRESHOLD, dlib_model_path
+from dladiff.faces.dlib_resnet import DLIB_VERIFICATION_THRESHOLD
+from dladiff.faces.model_packs import dlib_model_path
 
 MIN_SCORE = 0.2
 """Clean-photo HOG detections below this score are not counted as faces (the test photos' one

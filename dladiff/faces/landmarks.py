@@ -56,7 +56,8 @@ class DlibSource:
     and a shape predictor (68- or 5-point) as a landmark source."""
 
     def __init__(self, points: int):
-        from dladiff.faces.dlib_resnet import dlib_chip_template, dlib_model_path
+        from dladiff.faces.dlib_resnet import dlib_chip_template
+        from dladiff.faces.model_packs import dlib_model_path
 
         self.name = f"dlib{points}"
         self.points = points

