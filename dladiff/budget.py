@@ -145,9 +145,9 @@ def layer2_bound(clean: np.ndarray, faces: list, epsilon: float, budget) -> tupl
     ``faces``: its :class:`~dladiff.faces.detect.Face` list; ``budget``: a
     :class:`~dladiff.config.BudgetConfig`. Returns ``(None, [None, ...])`` for the uniform bound.
     """
-    if budget is None or not (budget.face_mask or budget.perceptual):
+    if budget is None or not (budget.face_mask or budget.perceptual_on(2)):
         return None, [None] * len(faces)
-    if budget.perceptual:
+    if budget.perceptual_on(2):
         bound = texture_budget(clean, epsilon, budget.floor, budget.flat_std, budget.full_std, budget.window)
     else:
         bound = np.full(clean.shape[:2], epsilon, dtype=np.float32)

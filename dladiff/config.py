@@ -106,7 +106,7 @@ class Layer2Config:
     steps: int = 100  # maximum PGD steps per face
     threshold: float = 0.0  # τ: fixed weighting, stop once the weighted cosine similarity is below this
     weighting: Literal["fixed", "normalized"] = "normalized"  # fixed: paper's Σ w·cos (Eq. 10); normalized: each term on its own threshold
-    hinge_margin: float = 0.3  # normalized units (share of the clean-to-threshold gap) past its threshold where an encoder stops pulling; < 0 = no hinge
+    hinge_margin: float = 0.5  # normalized units (share of the clean-to-threshold gap) past its threshold where an encoder stops pulling; < 0 = no hinge
     native_verdicts: bool = True  # report each face's same-person verdict from every encoder's own pipeline (and retry faces it loses)
     encoders: Union[Literal["auto"], dict[str, float]] = "auto"  # name -> weight, or auto: every real recognizer present
     detector: str = "auto"  # auto | yunet | dlib | insightface | retinaface
@@ -151,18 +151,23 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class EOTConfig:
-    """Random transforms applied to x + δ inside PGD (expectation over transformations). Off by default.
+    """Random transforms applied to x + δ inside PGD (expectation over transformations). On for layer 2 by default.
 
     Each transform (JPEG, then resize, then blur) is applied independently with ``probability``,
     with its parameter drawn uniformly in its range (the same draw for the whole batch).
     """
 
-    enabled: bool = False
+    enabled: bool = True
+    layers: tuple[int, ...] = (2,)  # which layers' PGD sees the transforms (1: δ1 on the model batch, 2: each face)
     probability: float = 0.5  # chance that each transform is applied at a PGD step
     jpeg_quality: tuple[int, int] = (50, 95)  # JPEG quality range (inclusive)
     resize_scale: tuple[float, float] = (0.5, 1.0)  # down-scale factor range
     blur_sigma: tuple[float, float] = (0.0, 1.0)  # pixels, Gaussian std range
     rounding: Literal["ste", "cubic"] = "ste"  # rounding approximation of the differentiable JPEG
+
+    def on(self, layer: int) -> bool:
+        """Whether layer ``layer`` (1 or 2) runs its PGD through the transforms."""
+        return self.enabled and layer in self.layers
 
 
 @dataclass(frozen=True)
@@ -173,11 +178,16 @@ class BudgetConfig:
     hull: Literal["dlib68", "five"] = "dlib68"  # dlib68: dlib's 68 points with the 5-point outline; five: the 5-point outline alone
     margin: float = 0.15  # eye gaps (distance between the eye centres) the hull is grown by
     feather: float = 4.0  # pixels over which δ2 fades to 0 at the hull's edge
-    perceptual: bool = False  # both layers: per-pixel bound from local texture, floor on flat areas up to η
+    perceptual: bool = True  # per-pixel bound from local texture, floor on flat areas up to η (layers below)
+    perceptual_layers: tuple[int, ...] = (2,)  # which layers the perceptual bound applies to (1: δ1 on the photo's grid, 2: δ2)
     floor: float = 0.008  # [-1,1] units, the bound where the photo is flat (≈ 1.02/255 → 1/255 after rounding)
     flat_std: float = 2.0  # 0-255 luminance std in the window at or below which the floor applies
     full_std: float = 3.0  # 0-255 luminance std at or above which the full η applies
     window: int = 7  # pixels, side of the box the local std is measured in
+
+    def perceptual_on(self, layer: int) -> bool:
+        """Whether layer ``layer`` (1 or 2) is held to the perceptual (texture) bound."""
+        return self.perceptual and layer in self.perceptual_layers
 
 
 @dataclass(frozen=True)
@@ -331,6 +341,9 @@ def _validate_ranges(cfg: Config, source: str) -> None:
         (cfg.layer2.weighting == "fixed" or math.isfinite(cfg.layer2.hinge_margin), "layer2.hinge_margin must be a finite number"),
         (cfg.layer2.feature_weight >= 0 and all(0 < d <= 1 for d in cfg.layer2.feature_depths), "layer2.feature_weight must be >= 0 and layer2.feature_depths within (0, 1]"),
         *(check for settings in cfg.method.settings.values() if hasattr(settings, "checks") for check in settings.checks()),
+        (len(cfg.eot.layers) > 0 and set(cfg.eot.layers) <= {1, 2}, "eot.layers must name layer 1, layer 2 or both: [1, 2]"),
+        (len(cfg.budget.perceptual_layers) > 0 and set(cfg.budget.perceptual_layers) <= {1, 2},
+         "budget.perceptual_layers must name layer 1, layer 2 or both: [1, 2]"),
         (0 <= cfg.eot.probability <= 1, "eot.probability must be in [0, 1]"),
         (1 <= cfg.eot.jpeg_quality[0] <= cfg.eot.jpeg_quality[1] <= 100, "eot.jpeg_quality must be [low, high] within 1..100"),
         (0 < cfg.eot.resize_scale[0] <= cfg.eot.resize_scale[1] <= 1, "eot.resize_scale must be [low, high] within (0, 1]"),

@@ -362,7 +362,7 @@ def apply_perturbation(pixels: np.ndarray, delta: torch.Tensor, bound_255: float
     bound. On a greyscale photo δ is averaged over the channels, so the output stays grey. Runs in
     strips of rows: memory is the output plus a few strips.
 
-    ``budget``: a :class:`~dladiff.config.BudgetConfig`; with ``perceptual`` on, δ is clipped per
+    ``budget``: a :class:`~dladiff.config.BudgetConfig`; with ``perceptual`` on for layer 1, δ is clipped per
     pixel to the texture bound of the photo (:func:`dladiff.budget.texture_budget`), on the
     photo's own grid, before rounding.
     """
@@ -376,7 +376,7 @@ def apply_perturbation(pixels: np.ndarray, delta: torch.Tensor, bound_255: float
     for top, left, strip in delta_strips(delta * 127.5, *pixels.shape[:2]):
         rows = out[top:top + strip.shape[0], left:left + strip.shape[1]]
         np.rint(strip, out=strip)
-        if budget is not None and budget.perceptual:
+        if budget is not None and budget.perceptual_on(1):
             local = texture_budget_rows(pixels, top, top + strip.shape[0], bound_255, budget.floor * 127.5, budget)
             local = np.floor(local[:, left:left + strip.shape[1], None] + 1e-6)
             np.clip(strip, -local, local, out=strip)

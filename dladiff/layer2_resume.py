@@ -28,7 +28,7 @@ FOLDER = "layer2"
 def photo_key(clean_sha256: str, pixels: np.ndarray, cfg: Config, weights: dict[str, float], seed: int) -> str:
     """Hash of the inputs and settings of layer 2 on one photo."""
     payload = {"clean": clean_sha256, "input": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
-               "shape": list(pixels.shape), "layer2": config_to_dict(cfg.layer2), "eot": config_to_dict(cfg.eot), "budget": config_to_dict(cfg.budget),
+               "shape": list(pixels.shape), "layer2": config_to_dict(cfg.layer2), "eot": config_to_dict(cfg.eot) if cfg.eot.on(2) else None, "budget": config_to_dict(cfg.budget),
                "weights": weights, "seed": seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

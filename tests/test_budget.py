@@ -77,9 +77,12 @@ def test_edge_step_sees_only_pairs_across_the_edge():
 
 
 def test_budget_config_is_validated(tmp_path):
-    assert load_config().budget == BudgetConfig() and BudgetConfig().face_mask and not BudgetConfig().perceptual
+    default = BudgetConfig()
+    assert load_config().budget == default and default.face_mask and default.perceptual_on(2) and not default.perceptual_on(1)
     paper = load_config("layer2_paper").budget
     assert paper.face_mask is False and paper.perceptual is False
+    with pytest.raises(ConfigError, match="budget.perceptual_layers"):
+        with_overrides(load_config(), budget={"perceptual_layers": [0]})
     with pytest.raises(ConfigError, match="budget.window"):
         with_overrides(load_config(), budget={"window": 4})
     with pytest.raises(ConfigError, match="budget.flat_std"):
@@ -94,7 +97,8 @@ def test_layer1_is_clipped_to_the_texture_bound_on_the_photo_grid(real_photos):
     uniform = apply_perturbation(photo, delta, 0.05 * 127.5).astype(int) - photo
     assert np.array_equal(apply_perturbation(photo, delta, 0.05 * 127.5, BudgetConfig(perceptual=False)) - photo.astype(int),
                           uniform)
-    shaped = apply_perturbation(photo, delta, 0.05 * 127.5, BudgetConfig(perceptual=True)).astype(int) - photo
+    assert np.array_equal(apply_perturbation(photo, delta, 0.05 * 127.5, BudgetConfig()) - photo.astype(int), uniform)
+    shaped = apply_perturbation(photo, delta, 0.05 * 127.5, BudgetConfig(perceptual_layers=(1, 2))).astype(int) - photo
     budget = BudgetConfig()
     limit = np.floor(texture_budget(photo, 6.375, budget.floor * 127.5, budget.flat_std, budget.full_std, budget.window)
                      + 1e-6)[..., None]

@@ -24,7 +24,7 @@ def test_default_is_the_paper_setting():
     l1, l2 = cfg.layer1, cfg.layer2
     assert (l1.epsilon, l1.step_size, l1.epochs) == (0.05, 0.005, 50)
     assert (l1.stage1_steps, l1.stage2_steps, l1.stage3_steps) == (3, 3, 3)
-    assert l1.dsur and l1.adft and cfg.method.name == "dladiff" and not cfg.eot.enabled
+    assert l1.dsur and l1.adft and cfg.method.name == "dladiff" and not cfg.eot.on(1)  # EOT: layer 2 only
     assert cfg.prompt.instance == "a photo of sks person" and cfg.prompt.trigger == "sks"
     assert (l2.epsilon, l2.step_size, l2.steps) == (0.063, 0.005, 100)  # 8/255: the in-loop targets of docs/layer2.md
     assert l2.weighting == "normalized" and l2.encoders == "auto"
@@ -83,6 +83,19 @@ def test_bad_literal_and_yaml(tmp_path):
     (tmp_path / "broken.yaml").write_text("layer1: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_eot_layers_choose_where_eot_applies():
+    cfg = load_config("smoke")
+    assert not cfg.eot.on(1) and cfg.eot.on(2)  # the default
+    both = load_config("eot").eot
+    assert both.on(1) and both.on(2)
+    layer2 = with_overrides(cfg, eot={"enabled": True, "layers": [2]})
+    assert not layer2.eot.on(1) and layer2.eot.on(2)
+    assert not with_overrides(cfg, eot={"enabled": False, "layers": [2]}).eot.on(2)
+    for bad in ([], [3]):
+        with pytest.raises(ConfigError, match="eot.layers"):
+            with_overrides(cfg, eot={"layers": bad})
 
 
 def test_inherit_merges_sections(tmp_path):

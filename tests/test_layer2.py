@@ -1,5 +1,6 @@
 """Layer 2 on real faces, judged by dlib's own C++ pipeline (not our port)."""
 
+import dataclasses
 import io
 import json
 
@@ -146,3 +147,5 @@ def test_eot_option_reaches_the_photo_and_keeps_the_bound(real_photos):
     through, faces = protect_image(image, image, models, cfg, seed=0, eot=eot)
     assert len(faces) == 1 and not np.array_equal(plain, through)
     assert np.abs(through.astype(int) - image.astype(int)).max() <= np.floor(cfg.epsilon * 127.5 + 1e-6)
+    layer1_only, _ = protect_image(image, image, models, cfg, seed=0, eot=dataclasses.replace(eot, layers=(1,)))
+    assert np.array_equal(plain, layer1_only)

@@ -164,6 +164,14 @@ def test_eot_changes_the_gradient_path_and_keeps_the_bound(tiny_sd, cfg, images)
     assert not torch.equal(plain.delta, eot.delta)
 
 
+def test_eot_for_layer_2_only_leaves_layer_1_unchanged(tiny_sd, cfg, images):
+    plain = _protector("aspl", tiny_sd, cfg, images)
+    layer2_only = _protector("aspl", tiny_sd, cfg, images, eot={"enabled": True, "probability": 1.0, "layers": [2]})
+    plain.run_epoch()
+    layer2_only.run_epoch()
+    torch.testing.assert_close(plain.delta, layer2_only.delta, atol=0, rtol=0)
+
+
 def test_static_surrogate_needs(cfg):
     assert needs_static_surrogate("dladiff", cfg) and needs_static_surrogate("fsmg", cfg)
     assert not needs_static_surrogate("dladiff", load_config("ablation_no_dsur"))

@@ -74,9 +74,9 @@ class Layer1Models:
         return draw_noise(batch, self.latent_shape, self.scheduler.config.num_train_timesteps, generator, self.device)
 
     def perturbed_latents(self, chunk: Chunk, generator: torch.Generator) -> torch.Tensor:
-        """z0 of x + δ (differentiable in δ), through a random differentiable JPEG/resize/blur when ``eot.enabled``."""
+        """z0 of x + δ (differentiable in δ), through a random differentiable JPEG/resize/blur when ``eot.on(1)``."""
         pixels = chunk.x + chunk.delta
-        if self.eot.enabled:
+        if self.eot.on(1):
             pixels = eot_transform(pixels, generator, self.eot)
         mean, std = latent_distribution(self.vae, pixels.to(self.vae.dtype))
         return sample_latents(self.vae, mean.float(), std.float(), chunk.draw.latent_noise)

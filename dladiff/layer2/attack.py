@@ -9,7 +9,7 @@ Piece (where it lives): on in ``configs/default.yaml`` / ``configs/layer2_paper.
 * momentum, MI (:class:`~dladiff.layer2.transforms.Momentum`): μ = 1 / off;
 * input diversity, DI (:func:`~dladiff.layer2.transforms.diverse_input`): p = 0.5 / off;
 * gradient smoothing, TI (:func:`~dladiff.layer2.transforms.smooth_gradient`): 7 px / off;
-* EOT (:func:`dladiff.eot.eot_transform`): off / off (``eot.enabled``);
+* EOT (:func:`dladiff.eot.eot_transform`): off / off (``eot.enabled`` with 2 in ``eot.layers``);
 * feature loss (:class:`~dladiff.layer2.objective.FeatureLoss`): off / off.
 """
 
@@ -64,7 +64,7 @@ def identity_objective(problem: FaceProblem, warp: PatchWarp, models: Layer2Mode
 
     A torch generator for EOT and DI is seeded from ``rng`` only when one of them is on.
     """
-    eot = eot if eot is not None and eot.enabled else None
+    eot = eot if eot is not None and eot.on(2) else None
     needs_generator = eot is not None or cfg.diversity_probability > 0
     generator = torch.Generator().manual_seed(int(rng.integers(2**31))) if needs_generator else None
     jitter = Jitter(cfg.jitter_translation, cfg.jitter_rotation, cfg.jitter_scale)

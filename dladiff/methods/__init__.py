@@ -53,9 +53,10 @@ def uses_pretrained_unet(name: str, cfg: Config) -> bool:
 
 
 def method_fingerprint(fingerprint: str, name: str, cfg: Config) -> str:
-    """``fingerprint`` (see :func:`dladiff.layer1.run_fingerprint`) extended by the method, its settings and EOT."""
+    """``fingerprint`` (see :func:`dladiff.layer1.run_fingerprint`) extended by the method, its settings and
+    layer 1's EOT (none when EOT is off for layer 1)."""
     payload = {"layer1": fingerprint, "method": name, "settings": config_to_dict(cfg.method),
-               "eot": config_to_dict(cfg.eot)}
+               "eot": config_to_dict(cfg.eot) if cfg.eot.on(1) else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
