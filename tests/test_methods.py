@@ -157,7 +157,7 @@ def test_prompt_tuning_lowers_the_denoising_loss_of_clean_images(tiny_sd, cfg, i
 
 def test_eot_changes_the_gradient_path_and_keeps_the_bound(tiny_sd, cfg, images):
     plain = _protector("aspl", tiny_sd, cfg, images)
-    eot = _protector("aspl", tiny_sd, cfg, images, eot={"enabled": True, "probability": 1.0})
+    eot = _protector("aspl", tiny_sd, cfg, images, eot={"enabled": True, "probability": 1.0, "layers": [1, 2]})
     plain.run_epoch()
     eot.run_epoch()
     _assert_within_bound(eot.delta, images, cfg.layer1.epsilon)
