@@ -102,8 +102,8 @@ class Layer2Config:
     """Weighted multi-encoder identity PGD with jittered alignment (paper §4.2, Eqs. 10-11)."""
 
     epsilon: float = 0.063  # η2, L∞ bound in [-1,1] units (0.063 ≈ 8/255 after quantization)
-    step_size: float = 0.005  # α2, PGD step in [-1,1] units
-    steps: int = 100  # maximum PGD steps per face
+    step_size: float = 0.01  # α2, PGD step in [-1,1] units
+    steps: int = 50  # maximum PGD steps per face
     threshold: float = 0.0  # τ: fixed weighting, stop once the weighted cosine similarity is below this
     weighting: Literal["fixed", "normalized"] = "normalized"  # fixed: paper's Σ w·cos (Eq. 10); normalized: each term on its own threshold
     hinge_margin: float = 0.5  # normalized units (share of the clean-to-threshold gap) past its threshold where an encoder stops pulling; < 0 = no hinge

@@ -26,7 +26,7 @@ def test_default_is_the_paper_setting():
     assert (l1.stage1_steps, l1.stage2_steps, l1.stage3_steps) == (3, 3, 3)
     assert l1.dsur and l1.adft and cfg.method.name == "dladiff" and not cfg.eot.on(1)  # EOT: layer 2 only
     assert cfg.prompt.instance == "a photo of sks person" and cfg.prompt.trigger == "sks"
-    assert (l2.epsilon, l2.step_size, l2.steps) == (0.063, 0.005, 100)  # 8/255: the in-loop targets of docs/layer2.md
+    assert (l2.epsilon, l2.step_size, l2.steps) == (0.063, 0.01, 50)  # 8/255: the in-loop targets of docs/layer2.md
     assert l2.weighting == "normalized" and l2.encoders == "auto"
     paper = load_config("layer2_paper").layer2
     assert (paper.epsilon, paper.weighting, paper.momentum, paper.ti_kernel) == (0.05, "fixed", 0.0, 0)

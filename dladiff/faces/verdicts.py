@@ -168,18 +168,19 @@ class DlibJudge:
     def __init__(self, upsample: int = 1):
         import dlib
 
-        from dladiff.faces.detect import frontal_face_detector, load_shape_predictor
+        from dladiff.faces.detect import load_shape_predictor
         from dladiff.faces.model_packs import dlib_model_path
 
         self.upsample = upsample
-        self.detector = frontal_face_detector()
         self.predictor = load_shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
         self.model = dlib.face_recognition_model_v1(str(dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")))
 
     def faces(self, image: np.ndarray) -> list[JudgedFace]:
         image = np.ascontiguousarray(image)
         out = []
-        for rect in self.detector(image, self.upsample):
+        from dladiff.faces.detect import hog_boxes
+
+        for rect in hog_boxes(image, self.upsample):
             descriptor = np.array(self.model.compute_face_descriptor(image, self.predictor(image, rect)))
             out.append(JudgedFace(np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], float),
                                   descriptor))

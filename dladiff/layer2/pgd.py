@@ -42,8 +42,8 @@ def sign_pgd(objective: Objective, reference: torch.Tensor, epsilon: float | tor
         objective: δ2 ↦ :class:`Evaluation`; the paper's is Σ_k w_k cos(E_k(A(x1 ⊕ δ2)), E_k(A(x))) / Σ w_k.
         reference: ``(1, 3, H, W)`` in [−1, 1], the pixels δ2 is added to (x1's aligned face, or its patch).
         epsilon: η2, the L∞ bound in [−1, 1] units (default config 0.063 ≈ 8/255).
-        step_size: α2 in [−1, 1] units (default 0.005 ≈ 0.64/255).
-        steps: the most steps (default 100).
+        step_size: α2 in [−1, 1] units (default 0.01 ≈ 1.3/255).
+        steps: the most steps (default 50).
         direction: gradient transform before the sign (momentum, smoothing); None = the raw gradient.
 
     Returns: (δ2 ``(1, 3, H, W)``, steps taken, the objective's last value).
