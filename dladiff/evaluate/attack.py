@@ -8,15 +8,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from dladiff.data import Portrait
-from dladiff.evaluate.cache import prompt_slug
-from dladiff.evaluate.config import EvaluateConfig
+from dladiff.evaluate.cache import finish_attack, is_done, prompt_slug, start_attack
+from dladiff.evaluate.config import EvaluateConfig, fingerprint, plain_settings
 
 Status = Literal["generated", "cached", "skipped"]
 
@@ -68,3 +69,40 @@ def zero_shot_embedder(name: str, ctx: AttackContext):
 
     section = getattr(ctx.cfg, name)
     return load_face_embedder(section.detector, section.encoder, ctx.cfg.metrics.model_root, ctx.cfg.metrics.det_size)
+
+
+References = Callable[[AttackContext, Any], tuple[Sequence, list[str], list[str]]]
+
+
+def run_zero_shot(name: str, ctx: AttackContext, references: References, load_pipeline: Callable[[Sequence], Any],
+                  sampler: Callable[[Any, str, Any], Callable]) -> AttackResult:
+    """A zero-shot attack (FaceID, InstantID): every prompt sampled ``images_per_prompt`` times, the images
+    spread over the protected photos' faces.
+
+    Shared frame: the settings' fingerprint (a finished run with the same one is reused), the adapter's
+    own detector + encoder reading each photo (``references(ctx, embedder)`` → (per-face references,
+    photos used, photos without a face)), skipped with a reason when no photo has a face,
+    ``load_pipeline(refs)``, then per prompt and reference ``sampler(pipe, prompt, ref)``, the
+    callable :func:`~dladiff.evaluate.generation.generate_to_folder` draws the images with.
+    """
+    from dladiff.evaluate.generation import generate_to_folder
+
+    section, gen = getattr(ctx.cfg, name), ctx.cfg.generation
+    settings = zero_shot_settings(name, ctx)
+    key = fingerprint(settings)
+    prompts = {p: ctx.prompt_dir(p) for p in section.prompts}
+    if is_done(ctx.attack_dir, key):
+        return AttackResult(name, "cached", prompts, fingerprint=key)
+    embedder = zero_shot_embedder(name, ctx)
+    refs, used, no_face = references(ctx, embedder)
+    info = {"reference_photos": used, "photos_without_face": no_face}
+    if not refs:
+        return AttackResult(name, "skipped", {}, f"no face found by {embedder.name} in any attacked photo", info)
+    pipe = load_pipeline(refs)
+    start_attack(ctx.attack_dir, key, plain_settings(settings))
+    for prompt in section.prompts:
+        for j, ref in enumerate(refs):
+            generate_to_folder(sampler(pipe, prompt, ref), list(range(j, gen.images_per_prompt, len(refs))), gen.seed,
+                               prompts[prompt], gen.batch_size, f"{ctx.identity}: {name} images", ctx.quiet)
+    finish_attack(ctx.attack_dir, key, {"attack": name, "model": section.base_model, **info})
+    return AttackResult(name, "generated", prompts, info=info, fingerprint=key)

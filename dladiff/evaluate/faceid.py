@@ -15,11 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dladiff.evaluate.attack import AttackContext, AttackResult, zero_shot_embedder, zero_shot_settings
-from dladiff.evaluate.cache import finish_attack, is_done, start_attack
-from dladiff.evaluate.config import fingerprint, plain_settings
+from dladiff.evaluate.attack import AttackContext, AttackResult, run_zero_shot
 from dladiff.evaluate.embedding import FaceEmbedder, unit
-from dladiff.evaluate.generation import build_sd_pipeline, generate_to_folder, text_to_image_sampler
+from dladiff.evaluate.generation import build_sd_pipeline, text_to_image_sampler
 from dladiff.evaluate.weights import adapter_file
 from dladiff.runtime import frozen_dtype
 
@@ -95,26 +93,11 @@ def id_embeds(embedding: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor
 
 def run(ctx: AttackContext) -> AttackResult:
     """FaceID: every prompt sampled ``images_per_prompt`` times from the protected photos' embeddings."""
-    section, gen = ctx.cfg.faceid, ctx.cfg.generation
-    settings = zero_shot_settings("faceid", ctx)
-    key = fingerprint(settings)
-    prompts = {p: ctx.prompt_dir(p) for p in section.prompts}
-    if is_done(ctx.attack_dir, key):
-        return AttackResult("faceid", "cached", prompts, fingerprint=key)
-    embedder = zero_shot_embedder("faceid", ctx)
-    embeddings, used, no_face = reference_embeddings(ctx, embedder)
-    info = {"reference_photos": used, "photos_without_face": no_face}
-    if not embeddings:
-        return AttackResult("faceid", "skipped", {}, f"no face found by {embedder.name} in any attacked photo", info)
-    pipe = load_faceid_pipeline(ctx, len(embeddings[0]))
-    start_attack(ctx.attack_dir, key, plain_settings(settings))
-    for prompt in section.prompts:
-        for j, embedding in enumerate(embeddings):
-            indices = list(range(j, gen.images_per_prompt, len(embeddings)))
-            sample = text_to_image_sampler(pipe, prompt, section.negative_prompt, section.inference_steps,
-                                           section.guidance_scale, section.resolution,
-                                           ip_adapter_image_embeds=[id_embeds(embedding, pipe.unet.dtype, ctx.device)])
-            generate_to_folder(sample, indices, gen.seed, prompts[prompt], gen.batch_size,
-                               f"{ctx.identity}: faceid images", ctx.quiet)
-    finish_attack(ctx.attack_dir, key, {"attack": "faceid", "model": section.base_model, **info})
-    return AttackResult("faceid", "generated", prompts, info=info, fingerprint=key)
+    section = ctx.cfg.faceid
+
+    def sampler(pipe, prompt: str, embedding: np.ndarray):
+        return text_to_image_sampler(pipe, prompt, section.negative_prompt, section.inference_steps,
+                                     section.guidance_scale, section.resolution,
+                                     ip_adapter_image_embeds=[id_embeds(embedding, pipe.unet.dtype, ctx.device)])
+
+    return run_zero_shot("faceid", ctx, reference_embeddings, lambda refs: load_faceid_pipeline(ctx, len(refs[0])), sampler)

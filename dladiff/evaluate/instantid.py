@@ -21,12 +21,10 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel
 
-from dladiff.evaluate.attack import AttackContext, AttackResult, zero_shot_embedder, zero_shot_settings
-from dladiff.evaluate.cache import finish_attack, is_done, start_attack
-from dladiff.evaluate.config import fingerprint, plain_settings
+from dladiff.evaluate.attack import AttackContext, AttackResult, run_zero_shot
 from dladiff.evaluate.embedding import FaceEmbedder
 from dladiff.evaluate.faceid import id_embeds
-from dladiff.evaluate.generation import generate_to_folder, make_scheduler, text_to_image_sampler
+from dladiff.evaluate.generation import make_scheduler, text_to_image_sampler
 from dladiff.evaluate.weights import adapter_file, adapter_folder, local_model_folder
 from dladiff.runtime import frozen_dtype
 
@@ -127,30 +125,16 @@ def run(ctx: AttackContext) -> AttackResult:
     """InstantID: every prompt sampled ``images_per_prompt`` times from the protected photos."""
     from PIL import Image
 
-    section, gen = ctx.cfg.instantid, ctx.cfg.generation
-    settings = zero_shot_settings("instantid", ctx)
-    key = fingerprint(settings)
-    prompts = {p: ctx.prompt_dir(p) for p in section.prompts}
-    if is_done(ctx.attack_dir, key):
-        return AttackResult("instantid", "cached", prompts, fingerprint=key)
-    embedder = zero_shot_embedder("instantid", ctx)
-    refs, used, no_face = references(ctx, embedder)
-    info = {"reference_photos": used, "photos_without_face": no_face}
-    if not refs:
-        return AttackResult("instantid", "skipped", {}, f"no face found by {embedder.name} in any attacked photo", info)
-    pipe = load_instantid_pipeline(ctx)
-    start_attack(ctx.attack_dir, key, plain_settings(settings))
-    guidance = section.guidance_scale > 1.0
-    for prompt in section.prompts:
-        for j, (embedding, kps_image) in enumerate(refs):
-            embeds = id_embeds(embedding, pipe.unet.dtype, ctx.device)
-            embeds = embeds if guidance else embeds[1:]
-            pipe.controlnet.face_tokens = face_tokens(pipe.unet, embeds)
-            sample = text_to_image_sampler(pipe, prompt, section.negative_prompt, section.inference_steps,
-                                           section.guidance_scale, section.resolution, image=Image.fromarray(kps_image),
-                                           controlnet_conditioning_scale=section.controlnet_scale,
-                                           ip_adapter_image_embeds=[embeds])
-            generate_to_folder(sample, list(range(j, gen.images_per_prompt, len(refs))), gen.seed, prompts[prompt],
-                               gen.batch_size, f"{ctx.identity}: instantid images", ctx.quiet)
-    finish_attack(ctx.attack_dir, key, {"attack": "instantid", "model": section.base_model, **info})
-    return AttackResult("instantid", "generated", prompts, info=info, fingerprint=key)
+    section = ctx.cfg.instantid
+
+    def sampler(pipe, prompt: str, ref: tuple[np.ndarray, np.ndarray]):
+        embedding, kps_image = ref
+        embeds = id_embeds(embedding, pipe.unet.dtype, ctx.device)
+        embeds = embeds if section.guidance_scale > 1.0 else embeds[1:]
+        pipe.controlnet.face_tokens = face_tokens(pipe.unet, embeds)
+        return text_to_image_sampler(pipe, prompt, section.negative_prompt, section.inference_steps,
+                                     section.guidance_scale, section.resolution, image=Image.fromarray(kps_image),
+                                     controlnet_conditioning_scale=section.controlnet_scale,
+                                     ip_adapter_image_embeds=[embeds])
+
+    return run_zero_shot("instantid", ctx, references, lambda refs: load_instantid_pipeline(ctx), sampler)
