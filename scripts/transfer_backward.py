@@ -321,7 +321,7 @@ def self_test() -> dict:
         encoder = load_encoder(name, "~/.insightface/models")
         crops = F.interpolate(face, size=(encoder.crop_size, encoder.crop_size), mode="bilinear", align_corners=False)
 
-        def run():
+        def run(encoder=encoder, crops=crops):
             x = crops.clone().requires_grad_(True)
             out = encoder(x)
             (grad,) = torch.autograd.grad((out[:, :128] * target).sum(), x)
