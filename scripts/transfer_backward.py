@@ -23,6 +23,8 @@ The patches live in this script (forward hooks on the residual branches, and a
 encoders' modules are not edited. The printed JSON is bench_layer2.py's plus ``backward`` (the
 settings and what each encoder got) and ``judge_values`` (per judge and condition, the cosine or
 distance of each face and their mean).
+
+Run from a git worktree with ``PYTHONPATH=.``: otherwise the installed (editable) ``dladiff`` runs.
 """
 
 from __future__ import annotations
