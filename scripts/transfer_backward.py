@@ -2,7 +2,7 @@
 """Backward-pass transfer techniques on layer 2's in-loop encoders; runs bench_layer2.py with them, prints its JSON.
 
     python scripts/transfer_backward.py --backward {none,linbp,sgm} [--linbp-start 0.5] [--sgm-gamma 0.5]
-        [bench_layer2.py's arguments ...]
+        [--free-norm] [bench_layer2.py's arguments ...]
     python scripts/transfer_backward.py --self-test
 
 Both techniques leave every forward pass bit-identical and change only the gradient PGD signs
@@ -17,6 +17,10 @@ Both techniques leave every forward pass bit-identical and change only the gradi
   ``main`` and a ``shortcut`` (dlib's port); a network without them (SFace: a plain MobileFaceNet
   graph without ``Add`` nodes, mobileface through onnx2torch) is left unchanged, and the JSON says
   so (``backward.encoders.NAME.residual_units``).
+
+Each patched encoder keeps, per sample, the input-gradient norm of its plain backward (one more
+backward pass), so that the patch turns its gradient without re-weighting the ensemble;
+``--free-norm`` drops that.
 
 The patches live in this script (forward hooks on the residual branches, and a
 ``TorchFunctionMode`` around the network's forward that intercepts its activation calls), so the
