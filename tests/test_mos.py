@@ -207,7 +207,10 @@ def test_rate_command_serves_until_ctrl_c(study_dir, tmp_path):
     import sys
 
     cmd = [sys.executable, "-c", "from dladiff.cli import app; app()", "rate", str(study_dir), "--port", "0", "--rater", "carol", "--sample", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.getcwd())
+    # A harness that runs the suite in the background hands its children SIGINT ignored (a shell's `&` does);
+    # Ctrl-C in a terminal is SIG_DFL, which Python turns into KeyboardInterrupt: give the child that.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.getcwd(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert "rating page for carol: http://127.0.0.1:" in line and "0 of 4 rated" in line
