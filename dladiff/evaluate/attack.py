@@ -18,6 +18,7 @@ import torch
 from dladiff.data import Portrait
 from dladiff.evaluate.cache import finish_attack, is_done, prompt_slug, start_attack
 from dladiff.evaluate.config import EvaluateConfig, fingerprint, plain_settings
+from dladiff.evaluate.generation import generate_to_folder
 
 Status = Literal["generated", "cached", "skipped"]
 
@@ -85,8 +86,6 @@ def run_zero_shot(name: str, ctx: AttackContext, references: References, load_pi
     ``load_pipeline(refs)``, then per prompt and reference ``sampler(pipe, prompt, ref)``, the
     callable :func:`~dladiff.evaluate.generation.generate_to_folder` draws the images with.
     """
-    from dladiff.evaluate.generation import generate_to_folder
-
     section, gen = getattr(ctx.cfg, name), ctx.cfg.generation
     settings = zero_shot_settings(name, ctx)
     key = fingerprint(settings)
