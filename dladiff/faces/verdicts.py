@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from dladiff.errors import ModelUnavailableError
+from dladiff.faces.detect import YuNetDetector, hog_boxes, load_shape_predictor
 
 JPEG_QUALITY = 75
 MIN_IOU = 0.3
@@ -168,7 +169,6 @@ class DlibJudge:
     def __init__(self, upsample: int = 1):
         import dlib
 
-        from dladiff.faces.detect import load_shape_predictor
         from dladiff.faces.model_packs import dlib_model_path
 
         self.upsample = upsample
@@ -178,8 +178,6 @@ class DlibJudge:
     def faces(self, image: np.ndarray) -> list[JudgedFace]:
         image = np.ascontiguousarray(image)
         out = []
-        from dladiff.faces.detect import hog_boxes
-
         for rect in hog_boxes(image, self.upsample):
             descriptor = np.array(self.model.compute_face_descriptor(image, self.predictor(image, rect)))
             out.append(JudgedFace(np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], float),
@@ -200,7 +198,6 @@ class OnnxJudge:
         import cv2
         import onnxruntime
 
-        from dladiff.faces.detect import YuNetDetector
         from dladiff.faces.opencv_zoo import opencv_sface_path, quiet_opencv
 
         self.name, self.threshold = name, float(threshold)
@@ -232,7 +229,6 @@ class SFaceJudge:
     def __init__(self):
         import cv2
 
-        from dladiff.faces.detect import YuNetDetector
         from dladiff.faces.opencv_zoo import SFACE_COSINE_THRESHOLD, opencv_sface_path, quiet_opencv
 
         self.threshold = SFACE_COSINE_THRESHOLD
